@@ -14,14 +14,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import seqio
 
-from softprompt_jax import inference
+from softprompt_jax import inference, storage
 from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
 from softprompt_jax.tasks import evaluation as task_evaluation
 from softprompt_jax.train.checkpointing import (
     NUMPY_DIR,
     PROMPT_SIDECAR,
-    atomic_write_text,
     best_step,
 )
 from softprompt_jax.train.evaluation import evaluate_prompt
@@ -54,7 +53,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     record = {"task": task, "split": split, "prompt_file": str(prompt_file),
               "checkpoint_path": str(checkpoint_path), "metrics": metrics}
-    atomic_write_text(out / "metrics.json", json.dumps(record, indent=2) + "\n")
+    storage.write_text_atomic(out / "metrics.json", json.dumps(record, indent=2) + "\n")
     MetricsWriter(out, tensorboard=False).write("eval", 0, {"split": split, **metrics})
     print(f"{task} {split}: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
@@ -85,7 +84,7 @@ def infer(
         }))
     path = Path(output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    storage.write_text_atomic(path, "".join(line + "\n" for line in lines))
     print(f"wrote {len(lines)} predictions to {path}")
     return path
 

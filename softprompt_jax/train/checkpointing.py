@@ -1,19 +1,17 @@
 """Training checkpoints: the prompt, its optimizer state and the step, never the frozen model.
 
-Orbax writes each step into a temporary directory and renames it when complete,
-so a run killed mid-save resumes from the last finished step. Kept: the last
-`keep` steps plus the best one by the chosen eval metric. Beside each step the
-prompt is also written as a numpy file at the official code's path
-(`numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt`).
+Orbax writes each step into a temporary directory and renames it when complete
+(on gs://, it marks the step complete last), so a run killed mid-save resumes from the
+last finished step. Kept: the last `keep` steps plus the best one by the chosen eval
+metric. Beside each step the prompt is also written as a numpy file at the official
+code's path (`numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt`).
+`model_dir` may be local or a `gs://` URL.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from softprompt_jax import storage
 from softprompt_jax.partitioning.multihost import to_host
 
 CHECKPOINT_DIR = "checkpoints"
@@ -29,24 +28,14 @@ PROMPT_SIDECAR = "encoder.prompt.prompt.prompt"
 BEST_FILE = "best.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename: all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class TrainCheckpointer:
     """Save and restore `PromptTrainState`s under `model_dir/checkpoints/checkpoint_<step>`."""
 
-    def __init__(self, model_dir: str | Path, *, keep: int = 3, best_metric: str | None = None,
-                 best_mode: str = "max") -> None:
+    def __init__(self, model_dir: storage.PathLike, *, keep: int = 3,
+                 best_metric: str | None = None, best_mode: str = "max") -> None:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        self.model_dir = Path(model_dir)
+        self.model_dir = storage.as_path(model_dir)
         self.best_metric, self.best_mode = best_metric, best_mode
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
         if best_metric:
@@ -107,7 +96,7 @@ class TrainCheckpointer:
             better = value > best["value"] if self.best_mode == "max" else value < best["value"]
             if not better:
                 return
-        atomic_write_text(best_file, json.dumps(
+        storage.write_text_atomic(best_file, json.dumps(
             {"step": step, "metric": self.best_metric, "value": value, "mode": self.best_mode}
         ))
 
@@ -115,23 +104,18 @@ class TrainCheckpointer:
         self._manager.close()
 
 
-def write_prompt_sidecar(model_dir: Path, step: int, prompt: np.ndarray) -> Path:
-    """The official code's numpy export of the prompt, written atomically."""
-    final = model_dir / NUMPY_DIR / f"checkpoint_{step}"
-    if final.exists():
-        return final / PROMPT_SIDECAR
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".checkpoint_{step}.tmp-"))
-    with open(tmp / PROMPT_SIDECAR, "wb") as f:
-        np.save(f, prompt.astype(np.float32))
-    try:
-        os.rename(tmp, final)
-    except OSError:  # another writer finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final / PROMPT_SIDECAR
+def write_prompt_sidecar(model_dir: storage.PathLike, step: int, prompt: np.ndarray) -> str:
+    """The official code's numpy export of the prompt, written atomically; returns its path."""
+    path = storage.as_path(model_dir) / NUMPY_DIR / f"checkpoint_{step}" / PROMPT_SIDECAR
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(prompt, np.float32), allow_pickle=False)
+        storage.write_bytes_atomic(path, buffer.getvalue())
+    return str(path)
 
 
-def best_step(model_dir: str | Path) -> int | None:
+def best_step(model_dir: storage.PathLike) -> int | None:
     """The step recorded as best by evaluation, if any."""
-    best_file = Path(model_dir) / BEST_FILE
+    best_file = storage.as_path(model_dir) / BEST_FILE
     return json.loads(best_file.read_text())["step"] if best_file.exists() else None

@@ -2,7 +2,7 @@
 
 `metrics.jsonl` gets one JSON object per logged step (`"kind": "train"`) and per
 evaluation (`"kind": "eval"`), so scripts read results without parsing logs.
-Only process 0 writes.
+Only process 0 writes; `model_dir` may be local or a `gs://` URL.
 """
 
 from __future__ import annotations
@@ -11,18 +11,19 @@ import datetime
 import json
 import sys
 import time
-from pathlib import Path
 
 import jax
+
+from softprompt_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
-    def __init__(self, model_dir: str | Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, model_dir: storage.PathLike, *, tensorboard: bool = True) -> None:
         self.enabled = jax.process_index() == 0
-        self.path = Path(model_dir) / METRICS_FILE
+        self.path = storage.as_path(model_dir) / METRICS_FILE
         self._summary = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +31,7 @@ class MetricsWriter:
                 import tensorflow as tf  # seqio depends on it already
 
                 self._summary = tf.summary.create_file_writer(
-                    str(Path(model_dir) / TENSORBOARD_DIR)
+                    str(self.path.parent / TENSORBOARD_DIR)
                 )
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
@@ -39,8 +40,7 @@ class MetricsWriter:
             return
         record = {"kind": kind, "step": step, "time": time.time(),
                   **{k: _plain(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append_text(self.path, json.dumps(record) + "\n")
         if self._summary is not None:
             import tensorflow as tf
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 import seqio
 from jax.sharding import Mesh
 
+from softprompt_jax import storage
 from softprompt_jax.checkpoints.sharded import load_sharded, read_config
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.partitioning import (
@@ -128,7 +128,7 @@ def train(
     local_batch = local_batch_size(batch_size, mesh)
     tx = make_optimizer(optimizer)
     state = place(init_train_state(make_prompt(prompt, params, task), tx), replicated(mesh))
-    model_dir_path = Path(model_dir)
+    model_dir_path = storage.as_path(model_dir)
     model_dir_path.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(model_dir_path, tensorboard=tensorboard)
     run_info = {"task": task, "seed": seed, "batch_size": batch_size,
@@ -191,7 +191,7 @@ def train(
                        eval_metrics)
 
 
-def _check_resumable(saved: dict, current: dict, model_dir: Path) -> None:
+def _check_resumable(saved: dict, current: dict, model_dir: storage.PathLike) -> None:
     for key in ("task", "seed", "batch_size", "feature_lengths"):
         if saved.get(key) != current[key]:
             raise ValueError(

@@ -1,0 +1,56 @@
+"""Files in a run directory, on local disk or in a bucket (`gs://...`), written all-or-nothing.
+
+Orbax already writes checkpoints wherever `etils.epath` reaches; the run's small files
+(`metrics.jsonl`, `best.json`, the numpy prompt beside each checkpoint) go through the same
+paths, so `MODEL_DIR=gs://bucket/run` works on a TPU pod. A local file is written to a
+temporary sibling, synced and renamed into place; an object in a bucket appears only when
+its upload completes, so a plain write is already all-or-nothing there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """An `epath.Path` for a local path or a `gs://` (or other `scheme://`) URL."""
+    return epath.Path(path)
+
+
+def is_local(path: PathLike) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one."""
+    path = as_path(path)
+    if not is_local(path):
+        path.write_bytes(data)
+        return
+    local = Path(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, local)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def append_text(path: PathLike, text: str) -> None:
+    """Append to a log-like file (a bucket object is rewritten whole: objects are immutable)."""
+    with as_path(path).open("a") as f:
+        f.write(text)

@@ -1,0 +1,101 @@
+"""Run-directory files: all-or-nothing local writes, and the same code paths on `gs://`.
+
+A bucket is simulated with `etils.epath.testing.mock_epath`: every epath operation on a
+`gs://bucket/...` path is served from a local folder, and recorded. The run's small files
+(metrics, best step, numpy prompt) must go through epath, never through `open()`/`os` on a
+path string, which would silently create a local folder named `gs:`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from etils.epath import gpath
+from etils.epath import testing as epath_testing
+
+from softprompt_jax import storage
+from softprompt_jax.train.checkpointing import (
+    NUMPY_DIR,
+    PROMPT_SIDECAR,
+    TrainCheckpointer,
+    best_step,
+    write_prompt_sidecar,
+)
+from softprompt_jax.train.metrics_writer import METRICS_FILE, MetricsWriter
+
+BUCKET = "gs://bucket"
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """(the folder holding the fake bucket's objects, the list of gs:// paths touched)."""
+    root, touched = tmp_path / "bucket", []
+    root.mkdir()
+    monkeypatch.chdir(tmp_path)  # a stray local "gs:" folder would appear here
+    # With TensorFlow installed epath sends gs:// to tf.io.gfile, bypassing mock_epath.
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+
+    def served_locally(original, path, *args, **kwargs):
+        path = os.fspath(path)
+        assert path.startswith(BUCKET + "/"), path
+        touched.append(path)
+        return original(path.replace(BUCKET, str(root), 1), *args, **kwargs)
+
+    operations = ("open", "exists", "isdir", "listdir", "glob", "makedirs", "mkdir", "remove",
+                  "rename", "replace", "rmtree", "stat")
+    with epath_testing.mock_epath(**dict.fromkeys(operations, served_locally)):
+        yield root, touched
+    assert not (tmp_path / "gs:").exists(), "a gs:// path was used as a local path"
+
+
+def test_local_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
+    path = tmp_path / "best.json"
+    storage.write_text_atomic(path, "old")
+    storage.write_text_atomic(path, "new")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+
+
+def test_failed_local_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "best.json"
+    storage.write_text_atomic(path, "old")
+    with pytest.raises(TypeError):
+        storage.write_bytes_atomic(path, "not bytes")  # fails inside the write
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+
+
+def test_metrics_jsonl_is_appended_in_the_bucket(bucket):
+    root, touched = bucket
+    writer = MetricsWriter(f"{BUCKET}/run", tensorboard=False)
+    writer.write("train", 10, {"loss": np.float32(1.5)})
+    writer.write("eval", 10, {"accuracy": 0.75, "split": "validation"})
+    lines = [json.loads(line) for line in (root / "run" / METRICS_FILE).read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in lines] == [("train", 10), ("eval", 10)]
+    assert lines[0]["loss"] == 1.5 and lines[1]["accuracy"] == 0.75
+    assert f"{BUCKET}/run/{METRICS_FILE}" in touched
+
+
+def test_numpy_prompt_and_best_step_are_written_in_the_bucket(bucket):
+    root, touched = bucket
+    prompt = np.arange(12, dtype=np.float32).reshape(3, 4)
+    where = write_prompt_sidecar(f"{BUCKET}/run", 7, prompt)
+    assert where == f"{BUCKET}/run/{NUMPY_DIR}/checkpoint_7/{PROMPT_SIDECAR}"
+    stored = root / "run" / NUMPY_DIR / "checkpoint_7" / PROMPT_SIDECAR
+    np.testing.assert_array_equal(np.load(stored), prompt)
+    # Written once: a second save of the same step leaves the first file alone.
+    write_prompt_sidecar(f"{BUCKET}/run", 7, prompt + 1)
+    np.testing.assert_array_equal(np.load(stored), prompt)
+
+    checkpointer = TrainCheckpointer.__new__(TrainCheckpointer)  # no orbax manager needed here
+    checkpointer.model_dir = storage.as_path(f"{BUCKET}/run")
+    checkpointer.best_metric, checkpointer.best_mode = "accuracy", "max"
+    checkpointer._update_best(5, {"accuracy": 0.5})
+    checkpointer._update_best(7, {"accuracy": 0.75})
+    checkpointer._update_best(9, {"accuracy": 0.25})
+    assert best_step(f"{BUCKET}/run") == 7
+    assert json.loads((root / "run" / "best.json").read_text())["value"] == 0.75
+    assert any(path.endswith("/best.json") for path in touched)
