@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,32 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
     assert len(lines) == 5 and all(set(line) == {"inputs", "prediction"} for line in lines)
 
 
+def test_train_on_a_sharded_mesh_matches_one_device(frozen_model, tmp_path):
+    """`train` on 4 forced CPU devices, mesh 2x2 with FSDP-like rules, equals one device."""
+    steps, macros = 3, {"EVAL_PERIOD": 3, "EVAL_EXAMPLES": 4}
+    sharded = tmp_path / "sharded"
+    argv = [sys.executable, "-m", "softprompt_jax.cli",
+            *train_argv(frozen_model, sharded, steps, **macros, MESH_MODEL=2,
+                        PARAMETER_PARTITIONING_DIMS=2)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    single = tmp_path / "single"
+    assert cli.main(train_argv(frozen_model, single, steps, **macros)) == 0  # meanwhile
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-4000:]
+    assert "mesh data=2 x model=2" in output
+
+    prompt = lambda run: np.load(run / NUMPY_DIR / f"checkpoint_{steps}" / PROMPT_SIDECAR)
+    # float32; the sharded matmuls and all-reduces only reorder sums.
+    np.testing.assert_allclose(prompt(sharded), prompt(single), atol=1e-5)
+    evals = [[r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
+             for run in (sharded, single)]
+    assert evals[0]["accuracy"] == evals[1]["accuracy"]
+    assert evals[0]["loss_per_token"] == pytest.approx(evals[1]["loss_per_token"], rel=1e-5)
+
+
 @pytest.mark.parametrize("bad_flag,message", [
     ("--gin.MIXTURE_OR_TASK_NAME='no_such_task'", "no_such_task"),
     ("--gin.INITIAL_CHECKPOINT_PATH='/nonexistent/ckpt'", "/nonexistent/ckpt"),
@@ -114,11 +141,7 @@ def test_unknown_gin_file_is_named(capsys):
 
 def test_killed_run_resumes_to_the_uninterrupted_prompt(frozen_model, tmp_path):
     """A real process killed with SIGKILL mid-run, restarted, ends where a clean run ends."""
-    steps = 24  # evaluations every 3 steps keep the subprocess busy long enough to kill
-    reference = tmp_path / "reference"
-    # Dropout on (the tiny gin keeps DROPOUT_RATE=0.1) so the rng schedule must resume too.
-    assert cli.main(train_argv(frozen_model, reference, steps, EVAL_PERIOD=3, EVAL_EXAMPLES=4)) == 0
-
+    steps = 9  # three checkpoints, each after an evaluation; killed after the first
     interrupted = tmp_path / "interrupted"
     argv = [sys.executable, "-m", "softprompt_jax.cli",
             *train_argv(frozen_model, interrupted, steps, EVAL_PERIOD=3, EVAL_EXAMPLES=4)]
@@ -126,12 +149,22 @@ def test_killed_run_resumes_to_the_uninterrupted_prompt(frozen_model, tmp_path):
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     first_checkpoint = interrupted / NUMPY_DIR / "checkpoint_3"
-    deadline = time.monotonic() + 240
-    while not first_checkpoint.exists() and process.poll() is None:
-        assert time.monotonic() < deadline, "the training subprocess never checkpointed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+
+    def kill_after_first_checkpoint() -> None:
+        while not first_checkpoint.exists() and process.poll() is None:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+
+    # The uninterrupted reference trains here while the subprocess starts up and trains.
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    reference = tmp_path / "reference"
+    # Dropout on (the tiny gin keeps DROPOUT_RATE=0.1) so the rng schedule must resume too.
+    assert cli.main(train_argv(frozen_model, reference, steps, EVAL_PERIOD=3, EVAL_EXAMPLES=4)) == 0
+    killer.join(timeout=240)
+    assert not killer.is_alive(), "the training subprocess never checkpointed"
     process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended on its own: {process.returncode}"
     saved = sorted(p.name for p in (interrupted / "checkpoints").glob("checkpoint_*"))
     assert saved and f"checkpoint_{steps}" not in saved, f"the run was not interrupted: {saved}"
 

@@ -4,7 +4,8 @@ Each process has 2 forced CPU devices; cross-process CPU collectives use gloo (j
 default, set explicitly below). On a 2x2 mesh each process feeds its half of the global batch;
 on a 1x4 mesh the model axis spans both processes, so both feed the whole batch. Losses and
 the prompt must match one process on one device; each process must read only its own slices
-of a checkpoint that the main process alone wrote.
+of a checkpoint that the main process alone wrote. Evaluation (target scores for rank
+classification, cached greedy decoding) on the sharded model must match one device too.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def _train(step, state, params, batches, rng, to_host) -> tuple[list[float], lis
     return losses, to_host(state.prompt).tolist()
 
 
+def _evaluate(cfg, params, prompt, batch) -> dict:
+    """What evaluation computes: per-example target scores and greedy decodes (host batch)."""
+    from softprompt_jax import inference
+
+    scores = inference.make_score_fn(cfg, params, prompt)(batch)
+    tokens = inference.predict_tokens(cfg, params, prompt, batch["encoder_input_tokens"],
+                                      max_length=4)
+    return {"scores": np.asarray(scores).tolist(), "tokens": np.asarray(tokens).tolist()}
+
+
 def run_worker(process_id: int, port: int, workdir: Path) -> None:
     """One of the two processes: train on each mesh, load a checkpoint, write a JSON report."""
     import jax
@@ -101,9 +112,12 @@ def run_worker(process_id: int, port: int, workdir: Path) -> None:
         state = place(init_train_state(prompt, optimizer), replicated(mesh))
         batches = [global_batch(local, mesh)] * STEPS
         rng = place(jax.random.PRNGKey(2), replicated(mesh))
-        losses, final = _train(step, state, place(params, shardings), batches, rng, to_host)
+        sharded_params = place(params, shardings)
+        losses, final = _train(step, state, sharded_params, batches, rng, to_host)
         report[name] = {"shard": [index, count], "local_batch": size, "losses": losses,
-                        "prompt": final}
+                        "prompt": final,
+                        "eval": _evaluate(cfg, sharded_params, np.asarray(final, np.float32),
+                                          full)}
 
     # Only the main process writes; after the barrier every process reads just its slices.
     if is_main_process():
@@ -146,10 +160,12 @@ def _one_device() -> dict:
 
     cfg, optimizer = _config(), make_optimizer()
     prompt, batch = _inputs()
+    params = sp.init_params(cfg, 0)
     losses, final = _train(jax.jit(make_train_step(cfg, optimizer)),
-                           init_train_state(prompt, optimizer), sp.init_params(cfg, 0),
+                           init_train_state(prompt, optimizer), params,
                            [batch] * STEPS, jax.random.PRNGKey(2), np.asarray)
-    return {"losses": losses, "prompt": final}
+    return {"losses": losses, "prompt": final,
+            "eval": _evaluate(cfg, params, np.asarray(final, np.float32), batch)}
 
 
 def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -198,6 +214,15 @@ def test_two_processes_train_like_one_device(runs, mesh):
         np.testing.assert_allclose(report[mesh]["prompt"], reference["prompt"], atol=PROMPT_ATOL)
     # The prompt moved: the comparison is not between two untouched initial prompts.
     assert np.abs(np.asarray(reference["prompt"]) - _inputs()[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_two_processes_evaluate_like_one_device(runs, mesh):
+    reports, reference = runs
+    for report in reports:
+        np.testing.assert_allclose(report[mesh]["eval"]["scores"], reference["eval"]["scores"],
+                                   rtol=LOSS_RTOL)
+        assert report[mesh]["eval"]["tokens"] == reference["eval"]["tokens"]
 
 
 def test_each_process_feeds_its_data_shard(runs):

@@ -21,6 +21,7 @@ from softprompt_jax import storage
 from softprompt_jax.checkpoints.sharded import load_sharded, read_config
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.partitioning import (
+    Rules,
     global_batch,
     local_batch_size,
     make_mesh,
@@ -29,6 +30,7 @@ from softprompt_jax.partitioning import (
     place,
     replicated,
     seqio_shard_info,
+    standard_logical_axis_rules,
     to_host,
 )
 from softprompt_jax.prompts import init_prompt
@@ -61,7 +63,8 @@ class TrainResult:
 
 
 def load_frozen_model(checkpoint_path: str, dtype: str, dropout_rate: float | None,
-                      overrides: Mapping[str, Any] | None, mesh: Mesh) -> tuple[T5Config, dict]:
+                      overrides: Mapping[str, Any] | None, mesh: Mesh,
+                      rules: Rules | None = None) -> tuple[T5Config, dict]:
     """The frozen model in its compute dtype, each device holding only its slice.
 
     Run-time settings (dropout, scan, remat) are applied to the checkpoint's config;
@@ -71,7 +74,7 @@ def load_frozen_model(checkpoint_path: str, dtype: str, dropout_rate: float | No
     if dropout_rate is not None:
         changes["dropout_rate"] = dropout_rate
     cfg = read_config(checkpoint_path, dtype).replace(**changes)
-    return cfg, load_sharded(checkpoint_path, cfg, param_shardings(cfg, mesh))
+    return cfg, load_sharded(checkpoint_path, cfg, param_shardings(cfg, mesh, rules))
 
 
 def make_prompt(spec: PromptSpec, params: dict, task: str) -> jax.Array:
@@ -110,12 +113,16 @@ def train(
     tensorboard: bool = True,
     mesh_data: int = -1,
     mesh_model: int = 1,
+    activation_partitioning_dims: int = 1,
+    parameter_partitioning_dims: int = 1,
 ) -> TrainResult:
     """Prompt-tune `task` on the frozen model at `checkpoint_path`; artefacts go to `model_dir`.
 
     The frozen params are sharded over a `(data, model)` mesh of all devices (`mesh_data=-1`
     takes what `mesh_model` leaves); the prompt and its optimizer state are replicated and
-    each process feeds its share of every global batch.
+    each process feeds its share of every global batch. The partitioning dims pick T5X's
+    standard logical-axis rules; `parameter_partitioning_dims=2` also splits the weights'
+    `embed` dimension over `data` (FSDP-like), for when frozen weights dominate memory.
     """
     for name, value in (("train_steps", train_steps), ("batch_size", batch_size),
                         ("log_period", log_period), ("eval_period", eval_period),
@@ -124,7 +131,10 @@ def train(
             raise ValueError(f"{name} must be positive, got {value}")
     # Everything that can fail on bad input happens before anything is written.
     mesh = make_mesh(mesh_data, mesh_model)
-    cfg, params = load_frozen_model(checkpoint_path, dtype, dropout_rate, model_overrides, mesh)
+    rules = standard_logical_axis_rules(activation_partitioning_dims,
+                                        parameter_partitioning_dims)
+    cfg, params = load_frozen_model(checkpoint_path, dtype, dropout_rate, model_overrides, mesh,
+                                    rules)
     local_batch = local_batch_size(batch_size, mesh)
     tx = make_optimizer(optimizer)
     state = place(init_train_state(make_prompt(prompt, params, task), tx), replicated(mesh))
@@ -148,7 +158,7 @@ def train(
         max_examples=eval_examples,
     )
     step_fn = partitioned_train_step(make_train_step(cfg, tx, loss), mesh,
-                                     param_shardings(cfg, mesh))
+                                     param_shardings(cfg, mesh, rules), rules=rules)
     rng = place(jax.random.PRNGKey(seed), replicated(mesh))
     batches = train_batches(task, feature_lengths, local_batch, seed=seed,
                             start_step=start_step, shard_info=seqio_shard_info(mesh))
@@ -161,7 +171,7 @@ def train(
     train_loss, eval_metrics = None, {}
     window_start, window_steps, window_loss = time.perf_counter(), 0, []
     for step in range(start_step, train_steps):
-        state, metrics = step_fn(state, params, global_batch(next(batches), mesh), rng)
+        state, metrics = step_fn(state, params, global_batch(next(batches), mesh, rules), rng)
         window_steps += 1
         window_loss.append(metrics["loss"])
         done = step + 1
