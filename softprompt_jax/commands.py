@@ -63,8 +63,15 @@ def infer(
     *, checkpoint_path: str, prompt_file: str, task: str, output_file: str,
     feature_lengths: Mapping[str, int], split: str = "validation", batch_size: int = 32,
     max_examples: int | None = None, dtype: str = "bfloat16", decode_length: int | None = None,
+    temperature: float = 0.0, top_k: int = 0, seed: int = 0,
 ) -> Path:
-    """Greedy predictions for a task's split, one JSON line per example; labels not needed."""
+    """Predictions for a task's split, one JSON line per example; labels not needed.
+
+    Greedy unless `temperature > 0`: then sampled (from the `top_k` best tokens when
+    `top_k > 0`), reproducibly for a given `seed`.
+    """
+    if temperature < 0 or top_k < 0:
+        raise ValueError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
     task_obj = seqio.get_mixture_or_task(task)
     cfg, params, prompt = _load_model_and_prompt(checkpoint_path, prompt_file, dtype)
     lengths = {"inputs": feature_lengths["inputs"], "targets": feature_lengths["targets"]}
@@ -73,7 +80,8 @@ def infer(
     predictions = inference.predict_texts(
         cfg, params, prompt, vocabulary,
         task_evaluation.t5x_batches(examples, lengths, batch_size),
-        max_length=decode_length or lengths["targets"],
+        max_length=decode_length or lengths["targets"], temperature=temperature, top_k=top_k,
+        seed=seed,
     )
     lines = []
     for example, prediction in zip(examples, predictions, strict=True):

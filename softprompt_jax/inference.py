@@ -76,13 +76,20 @@ def make_score_fn(
 
 def predict_texts(
     cfg: T5Config, params: Mapping[str, Any], prompt: jax.Array, vocabulary,
-    batches: Sequence[tuple[Batch, int]] | Any, *, max_length: int,
+    batches: Sequence[tuple[Batch, int]] | Any, *, max_length: int, temperature: float = 0.0,
+    top_k: int = 0, seed: int = 0,
 ) -> list[str]:
-    """Greedy predictions as text for `(batch, real_rows)` pairs, in order."""
+    """Predictions as text for `(batch, real_rows)` pairs, in order.
+
+    Greedy by default; with `temperature > 0` sampled (batch `i` uses `fold_in(seed, i)`,
+    so the same seed gives the same texts).
+    """
     texts: list[str] = []
-    for batch, size in batches:
+    for i, (batch, size) in enumerate(batches):
         tokens = jnp.asarray(batch["encoder_input_tokens"])
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
         ids = predict_tokens(cfg, params, prompt, tokens, batch.get("prompt_ids"),
-                             max_length=max_length)
+                             max_length=max_length, temperature=temperature, top_k=top_k,
+                             rng=rng)
         texts += ids_to_texts(vocabulary, np.asarray(ids)[:size])
     return texts

@@ -19,8 +19,11 @@ PathLike = str | os.PathLike
 
 
 def as_path(path: PathLike) -> epath.Path:
-    """An `epath.Path` for a local path or a `gs://` (or other `scheme://`) URL."""
-    return epath.Path(path)
+    """An `epath.Path` for a `gs://` (or other `scheme://`) URL, or an absolute local path.
+
+    Local paths are made absolute because orbax refuses relative ones.
+    """
+    return epath.Path(path if not is_local(path) else os.path.abspath(path))
 
 
 def is_local(path: PathLike) -> bool:

@@ -281,6 +281,20 @@ def test_save_pretrained_round_trips_bit_exactly(tmp_path, tiny, dtype):
     assert_bit_exact(loaded, params)
 
 
+def test_relative_paths_save_and_load(tmp_path, tiny, monkeypatch):
+    """Orbax refuses relative paths; ours are made absolute (`softprompt-jax demo` in a cwd)."""
+    from softprompt_jax.checkpoints.sharded import load_sharded
+    from softprompt_jax.partitioning import make_mesh, param_shardings
+
+    cfg, params = tiny
+    monkeypatch.chdir(tmp_path)
+    sp.save_pretrained("models/tiny", cfg, params)
+    _, loaded = sp.load_pretrained("models/tiny", dtype="float32")
+    assert_bit_exact(loaded, params)
+    sharded = load_sharded("models/tiny", cfg, param_shardings(cfg, make_mesh(1, 1)))
+    assert_bit_exact(sharded, params)
+
+
 def test_native_load_casts_and_unstacks(tmp_path, tiny):
     cfg, params = tiny
     sp.save_pretrained(tmp_path / "model", cfg, params)

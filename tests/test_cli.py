@@ -80,19 +80,28 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
     assert cli.main(argv) == 0
     lines = read_jsonl(predictions)
     assert len(lines) == 5 and all(set(line) == {"inputs", "prediction"} for line in lines)
+    # Sampling from the single best token is greedy decoding, whatever the temperature.
+    sampled = tmp_path / "sampled.jsonl"
+    argv = ["infer", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_infer.gin",
+            *gin_flags(frozen_model, PROMPT_FILE=f"'{exported}'",
+                       INFER_OUTPUT_FILE=f"'{sampled}'", INFER_EXAMPLES=5,
+                       INFER_TEMPERATURE=2.0, INFER_TOP_K=1, INFER_SEED=3)]
+    assert cli.main(argv) == 0
+    assert read_jsonl(sampled) == lines
 
 
 def test_train_on_a_sharded_mesh_matches_one_device(frozen_model, tmp_path):
     """`train` on 4 forced CPU devices, mesh 2x2 with FSDP-like rules, equals one device."""
     steps, macros = 3, {"EVAL_PERIOD": 3, "EVAL_EXAMPLES": 4}
     sharded = tmp_path / "sharded"
+    # A relative MODEL_DIR (orbax itself accepts only absolute paths).
     argv = [sys.executable, "-m", "softprompt_jax.cli",
-            *train_argv(frozen_model, sharded, steps, **macros, MESH_MODEL=2,
+            *train_argv(frozen_model, Path("sharded"), steps, **macros, MESH_MODEL=2,
                         PARAMETER_PARTITIONING_DIMS=2)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     single = tmp_path / "single"
     assert cli.main(train_argv(frozen_model, single, steps, **macros)) == 0  # meanwhile
     output, _ = process.communicate(timeout=300)

@@ -51,6 +51,12 @@ def bucket(tmp_path, monkeypatch):
     assert not (tmp_path / "gs:").exists(), "a gs:// path was used as a local path"
 
 
+def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert str(storage.as_path("run")) == str(tmp_path / "run")
+    assert str(storage.as_path("gs://bucket/run")) == "gs://bucket/run"
+
+
 def test_local_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
     path = tmp_path / "best.json"
     storage.write_text_atomic(path, "old")

@@ -39,7 +39,7 @@ def save_native(path: str | os.PathLike, cfg: T5Config, params: dict, *,
 
     Single-process: every file is written by this process.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # orbax accepts absolute paths only
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def save_native(path: str | os.PathLike, cfg: T5Config, params: dict, *,
 
 def load_native(path: str | os.PathLike, dtype: str = "bfloat16") -> tuple[T5Config, dict]:
     """Load a model dir written by `save_native`; orbax casts each array to `dtype` on read."""
-    path = Path(path)
+    path = Path(path).absolute()  # orbax accepts absolute paths only
     marker = _read_json(path / FORMAT_FILE)
     if marker.get("format") != FORMAT_NAME or marker.get("version") != FORMAT_VERSION:
         raise ValueError(

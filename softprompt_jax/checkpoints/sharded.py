@@ -57,7 +57,7 @@ def load_sharded(path: str | os.PathLike, cfg: T5Config, shardings: Any,
     if kind == T5X:
         return _load_t5x(t5x_legacy.open_checkpoint(location), cfg, shardings, dtype)
     if kind == NATIVE:
-        return _load_native(Path(location), cfg, shardings, dtype)
+        return _load_native(Path(location).absolute(), cfg, shardings, dtype)
     assert kind == HUGGINGFACE
     from softprompt_jax.checkpoints.pretrained import load_pretrained
 
