@@ -47,7 +47,8 @@ def pretrain(model_dir: Path, steps: int, batch_size: int, seed: int, log) -> Pa
         log(f"reusing the pre-trained model in {checkpoint}")
         return checkpoint
     params = init_params(DEMO_MODEL, seed)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 50, steps, 1e-4),
+    warmup = min(50, steps // 8)
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, steps, 1e-4),
                      weight_decay=0.0)
     opt_state = tx.init(params)
     model = T5(DEMO_MODEL)
@@ -121,5 +122,5 @@ def run_demo(workdir: str | Path = "softprompt_demo", *, pretrain_steps: int = 4
     log(f"  {'setting':<42} accuracy")
     for name, value in rows:
         log(f"  {name:<42} {value:6.1f}%")
-    log(f"prompt checkpoints, metrics.jsonl and TensorBoard logs are in {prompt_dir}")
+    log(f"the prompt's checkpoints and metrics.jsonl are in {prompt_dir}")
     return {"with_prefix": with_prefix, "before": before, "after": after}

@@ -1,8 +1,11 @@
-"""Shared test helpers: the real-artifact fixtures folder and small model factories."""
+"""Shared test helpers: the real-artifact fixtures folder, and subprocess work started early."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,3 +27,39 @@ def shared_fixture(*parts: str) -> Path:
             "../shared/fixtures, not with the package)"
         )
     return path
+
+
+# Multi-device checks run in subprocesses (forced CPU devices, jax.distributed). A test module
+# that defines `start_subprocesses(workdir: Path) -> list[subprocess.Popen]` has them started
+# as soon as collection ends, so they run beside the in-process tests instead of after them;
+# its fixtures collect them with `started_subprocesses(__name__)`.
+_STARTED: dict[str, tuple[Path, list[subprocess.Popen]]] = {}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    modules = {getattr(item, "module", None) for item in session.items} - {None}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        start = getattr(module, "start_subprocesses", None)
+        if start is not None:
+            workdir = Path(tempfile.mkdtemp(prefix=f"{module.__name__}-"))
+            _STARTED[module.__name__] = (workdir, start(workdir))
+
+
+def started_subprocesses(module_name: str) -> tuple[Path, list[subprocess.Popen]]:
+    """The work folder and the processes that `start_subprocesses` launched for a module."""
+    if module_name not in _STARTED:  # e.g. the module was imported outside a collection
+        workdir = Path(tempfile.mkdtemp(prefix=f"{module_name}-"))
+        import importlib
+
+        _STARTED[module_name] = (workdir,
+                                 importlib.import_module(module_name).start_subprocesses(workdir))
+    return _STARTED[module_name]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for workdir, processes in _STARTED.values():
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import started_subprocesses
 
 PROCESSES, LOCAL_DEVICES, STEPS, BATCH = 2, 2, 3, 8
 MESHES = {"2x2": (2, 2), "1x4": (1, 4)}
@@ -185,23 +186,27 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> None:
         assert proc.returncode == 0, f"process {i} failed:\n{logs[i].read_text()[-6000:]}"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[list[dict], dict]:
-    """(the two processes' reports, the one-device reference), computed side by side."""
-    workdir = tmp_path_factory.mktemp("multihost")
+def start_subprocesses(workdir: Path) -> list[subprocess.Popen]:
+    """The two processes (conftest starts them right after collection)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
-    port, logs = _free_port(), [workdir / f"process_{i}.log" for i in range(PROCESSES)]
-    procs = []
+    port, procs = _free_port(), []
     for i in range(PROCESSES):
-        with logs[i].open("w") as log:
+        with (workdir / f"process_{i}.log").open("w") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, str(i), str(port), str(workdir)], env=env,
                 stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs() -> tuple[list[dict], dict]:
+    """(the two processes' reports, the one-device reference)."""
+    workdir, procs = started_subprocesses(__name__)
     try:
         reference = _one_device()
     finally:
-        _wait(procs, logs)
+        _wait(procs, [workdir / f"process_{i}.log" for i in range(PROCESSES)])
     reports = [json.loads((workdir / f"process_{i}.json").read_text()) for i in range(PROCESSES)]
     return reports, reference
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import started_subprocesses
 
 DEVICES = 8
 TIMEOUT_S = 300
@@ -311,16 +312,26 @@ def run_checks(out_file: str, workdir: str) -> None:
     Path(out_file).write_text(json.dumps(results))
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    workdir = tmp_path_factory.mktemp("partitioning_mesh")
-    out = workdir / "results.json"
+def start_subprocesses(workdir: Path) -> list[subprocess.Popen]:
+    """The 8-device run (conftest starts it right after collection)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
-    proc = subprocess.run([sys.executable, __file__, str(out), str(workdir)], env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"8-device subprocess failed:\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    with (workdir / "log.txt").open("w") as log:
+        return [subprocess.Popen([sys.executable, __file__, str(workdir / "results.json"),
+                                  str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT)]
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    workdir, (proc,) = started_subprocesses(__name__)
+    try:
+        proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"8-device subprocess gave no result in {TIMEOUT_S}s")
+    log = (workdir / "log.txt").read_text()
+    assert proc.returncode == 0, f"8-device subprocess failed:\n{log[-6000:]}"
+    return json.loads((workdir / "results.json").read_text())
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
