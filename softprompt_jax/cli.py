@@ -99,9 +99,6 @@ def _quiet_tensorflow() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # TensorFlow (seqio's data pipeline) logs INFO and WARNING lines that are not ours;
-    # set TF_CPP_MIN_LOG_LEVEL=0 to see them.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = _parser()
     try:
         rest, bindings = _split_gin_bindings(argv)
