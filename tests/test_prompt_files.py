@@ -76,20 +76,22 @@ def test_shape_and_format_errors_name_the_file(tmp_path):
         sp.load_prompt(tmp_path / "missing_dir")
 
 
+@pytest.fixture(scope="module")
+def base_model():
+    """A factory for a tiny Hugging Face T5 to wrap with PEFT."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    config = transformers.T5Config(
+        vocab_size=64, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )
+    torch.manual_seed(0)
+    return lambda: transformers.T5ForConditionalGeneration(config)
+
+
 class TestRealPeft:
     """Interop with `peft` itself: its saves load here, and ours load there."""
-
-    @pytest.fixture(scope="class")
-    def base_model(self):
-        transformers = pytest.importorskip("transformers")
-        torch = pytest.importorskip("torch")
-        pytest.importorskip("peft")
-        config = transformers.T5Config(
-            vocab_size=64, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2,
-            feed_forward_proj="gated-gelu", dropout_rate=0.0,
-        )
-        torch.manual_seed(0)
-        return lambda: transformers.T5ForConditionalGeneration(config)
 
     def test_peft_save_loads_here(self, base_model, tmp_path):
         from peft import PromptTuningConfig, TaskType, get_peft_model
