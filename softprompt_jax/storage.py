@@ -9,10 +9,12 @@ its upload completes, so a plain write is already all-or-nothing there.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from etils import epath
 
 PathLike = str | os.PathLike
@@ -51,6 +53,13 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def write_npy_atomic(path: PathLike, array: np.ndarray) -> None:
+    """Write `array` in numpy's `.npy` format (whatever the file name), all or nothing."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def append_text(path: PathLike, text: str) -> None:

@@ -47,12 +47,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def started_subprocesses(module_name: str) -> tuple[Path, list[subprocess.Popen]]:
     """The work folder and the processes that `start_subprocesses` launched for a module."""
-    if module_name not in _STARTED:  # e.g. the module was imported outside a collection
-        workdir = Path(tempfile.mkdtemp(prefix=f"{module_name}-"))
-        import importlib
-
-        _STARTED[module_name] = (workdir,
-                                 importlib.import_module(module_name).start_subprocesses(workdir))
     return _STARTED[module_name]
 
 

@@ -20,8 +20,8 @@ from softprompt_jax import storage
 from softprompt_jax.train.checkpointing import (
     NUMPY_DIR,
     PROMPT_SIDECAR,
-    TrainCheckpointer,
     best_step,
+    update_best,
     write_prompt_sidecar,
 )
 from softprompt_jax.train.metrics_writer import METRICS_FILE, MetricsWriter
@@ -96,12 +96,8 @@ def test_numpy_prompt_and_best_step_are_written_in_the_bucket(bucket):
     write_prompt_sidecar(f"{BUCKET}/run", 7, prompt + 1)
     np.testing.assert_array_equal(np.load(stored), prompt)
 
-    checkpointer = TrainCheckpointer.__new__(TrainCheckpointer)  # no orbax manager needed here
-    checkpointer.model_dir = storage.as_path(f"{BUCKET}/run")
-    checkpointer.best_metric, checkpointer.best_mode = "accuracy", "max"
-    checkpointer._update_best(5, {"accuracy": 0.5})
-    checkpointer._update_best(7, {"accuracy": 0.75})
-    checkpointer._update_best(9, {"accuracy": 0.25})
+    for step, accuracy in ((5, 0.5), (7, 0.75), (9, 0.25)):
+        update_best(f"{BUCKET}/run", step, "accuracy", accuracy, "max")
     assert best_step(f"{BUCKET}/run") == 7
     assert json.loads((root / "run" / "best.json").read_text())["value"] == 0.75
     assert any(path.endswith("/best.json") for path in touched)

@@ -19,7 +19,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
+
+from softprompt_jax import storage
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -37,7 +39,7 @@ def save_prompt(prompt: jax.Array | np.ndarray, path: str | Path) -> Path:
         if array.ndim not in (2, 3):
             raise ValueError(f"{path}: a prompt or bank has 2 or 3 dims, got shape {array.shape}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, array, allow_pickle=False)
+        storage.write_npy_atomic(path, array)
         return path
     if array.ndim != 2:
         raise ValueError(f"{path}: a PEFT adapter holds one [length, emb_dim] prompt, "
@@ -115,8 +117,10 @@ def _save_peft(prompt: np.ndarray, directory: Path) -> None:
     length, emb_dim = prompt.shape
     directory.mkdir(parents=True, exist_ok=True)
     unused = np.zeros(((PEFT_SEQ2SEQ_SUBMODULES - 1) * length, emb_dim), np.float32)
-    save_file({PEFT_KEY: np.concatenate([prompt, unused])}, directory / PEFT_WEIGHTS,
-              metadata={"format": "pt"})
+    storage.write_bytes_atomic(
+        directory / PEFT_WEIGHTS,
+        save({PEFT_KEY: np.concatenate([prompt, unused])}, metadata={"format": "pt"}),
+    )
     config = {
         "peft_type": "PROMPT_TUNING",
         "task_type": "SEQ_2_SEQ_LM",
@@ -133,4 +137,4 @@ def _save_peft(prompt: np.ndarray, directory: Path) -> None:
         "base_model_name_or_path": None,
         "inference_mode": True,
     }
-    (directory / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    storage.write_text_atomic(directory / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")

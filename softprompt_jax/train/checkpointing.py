@@ -10,7 +10,6 @@ code's path (`numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt`)
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
@@ -70,7 +69,9 @@ class TrainCheckpointer:
         prompt = to_host(state.prompt)  # every process takes part in the gather
         if jax.process_index() == 0:
             write_prompt_sidecar(self.model_dir, step, prompt)
-            self._update_best(step, metrics)
+            if self.best_metric in metrics:
+                update_best(self.model_dir, step, self.best_metric, metrics[self.best_metric],
+                            self.best_mode)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """The state (shaped like `abstract_state`) and run info at `step` (default: latest)."""
@@ -86,20 +87,6 @@ class TrainCheckpointer:
         )
         return restored["state"], dict(restored["run_info"])
 
-    def _update_best(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.best_metric or self.best_metric not in metrics:
-            return
-        value = metrics[self.best_metric]
-        best_file = self.model_dir / BEST_FILE
-        if best_file.exists():
-            best = json.loads(best_file.read_text())
-            better = value > best["value"] if self.best_mode == "max" else value < best["value"]
-            if not better:
-                return
-        storage.write_text_atomic(best_file, json.dumps(
-            {"step": step, "metric": self.best_metric, "value": value, "mode": self.best_mode}
-        ))
-
     def close(self) -> None:
         self._manager.close()
 
@@ -109,10 +96,22 @@ def write_prompt_sidecar(model_dir: storage.PathLike, step: int, prompt: np.ndar
     path = storage.as_path(model_dir) / NUMPY_DIR / f"checkpoint_{step}" / PROMPT_SIDECAR
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(prompt, np.float32), allow_pickle=False)
-        storage.write_bytes_atomic(path, buffer.getvalue())
+        storage.write_npy_atomic(path, np.asarray(prompt, np.float32))
     return str(path)
+
+
+def update_best(model_dir: storage.PathLike, step: int, metric: str, value: float,
+                mode: str = "max") -> None:
+    """Record `step` in `best.json` if its `metric` beats the recorded best (`max`/`min`)."""
+    best_file = storage.as_path(model_dir) / BEST_FILE
+    if best_file.exists():
+        best = json.loads(best_file.read_text())
+        better = value > best["value"] if mode == "max" else value < best["value"]
+        if not better:
+            return
+    storage.write_text_atomic(best_file, json.dumps(
+        {"step": step, "metric": metric, "value": value, "mode": mode}
+    ))
 
 
 def best_step(model_dir: storage.PathLike) -> int | None:
