@@ -1,4 +1,4 @@
-"""Shared test helpers: the real-artifact fixtures folder, and subprocess work started early."""
+"""Shared test helpers: the test-data folder, and subprocess work started early."""
 
 from __future__ import annotations
 
@@ -15,18 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
-
-
-def shared_fixture(*parts: str) -> Path:
-    """Path to a real artifact in `../shared/fixtures`, or skip when it is absent."""
-    path = SHARED_FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(
-            f"real-artifact fixture {path} is absent (it ships beside the repository in "
-            "../shared/fixtures, not with the package)"
-        )
-    return path
+TEST_DATA = REPO_ROOT / "tests" / "data"  # every artifact a test reads; see its README.md
 
 
 # Multi-device checks run in subprocesses (forced CPU devices, jax.distributed). A test module

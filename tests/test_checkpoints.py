@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 import tensorstore as ts
+from conftest import TEST_DATA
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
@@ -19,12 +20,7 @@ import softprompt_jax as sp
 from softprompt_jax.checkpoints import native, t5x_legacy
 from softprompt_jax.checkpoints.pretrained import detect_format
 
-T5X_TINY = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "t5x_tiny" / (
-    "checkpoint_3")
-needs_fixture = pytest.mark.skipif(
-    not T5X_TINY.is_dir(),
-    reason=f"real T5X checkpoint fixture not found at {T5X_TINY} (absent outside the workspace)",
-)
+T5X_TINY = TEST_DATA / "t5x_tiny" / "checkpoint_3"
 QUERY_0 = "encoder/layers_0/attention/query/kernel"
 
 
@@ -90,7 +86,6 @@ def read_zarr_with_numpy(directory: Path) -> np.ndarray:
 # --- (a) the real T5X checkpoint ------------------------------------------------------------
 
 
-@needs_fixture
 def test_t5x_fixture_config_is_inferred(fixture_f32):
     cfg, _ = fixture_f32
     assert (cfg.vocab_size, cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim) == (
@@ -101,7 +96,6 @@ def test_t5x_fixture_config_is_inferred(fixture_f32):
     assert cfg.dtype == "float32"
 
 
-@needs_fixture
 def test_t5x_fixture_has_every_param_in_place(fixture_f32):
     cfg, params = fixture_f32
     expected = {k: s.shape for k, s in flat(sp.param_shapes(cfg)).items()}
@@ -119,7 +113,6 @@ def test_t5x_fixture_has_every_param_in_place(fixture_f32):
                                [0.03067291, -0.78316545, -0.41009307, -0.10208409], rtol=1e-6)
 
 
-@needs_fixture
 def test_t5x_fixture_matches_independent_decoders(fixture_f32):
     _, params = fixture_f32
     restored = flax.serialization.msgpack_restore((T5X_TINY / "checkpoint").read_bytes())
@@ -135,7 +128,6 @@ def test_t5x_fixture_matches_independent_decoders(fixture_f32):
         np.testing.assert_array_equal(np.asarray(value), expected, err_msg=key)
 
 
-@needs_fixture
 def test_t5x_fixture_in_bfloat16(fixture_f32):
     cfg, params = sp.load_pretrained(T5X_TINY)  # default dtype
     assert cfg.dtype == "bfloat16"
@@ -143,7 +135,6 @@ def test_t5x_fixture_in_bfloat16(fixture_f32):
     assert_bit_exact(params, expected)
 
 
-@needs_fixture
 def test_model_runs_on_the_t5x_fixture(fixture_f32):
     cfg, params = fixture_f32
     enc = jnp.array([[37, 5, 12, 1, 0], [8, 9, 1, 0, 0]])
@@ -153,7 +144,6 @@ def test_model_runs_on_the_t5x_fixture(fixture_f32):
     assert bool(jnp.isfinite(logits).all())
 
 
-@needs_fixture
 def test_t5x_load_never_touches_optimizer_state(tmp_path, fixture_f32, monkeypatch):
     step_dir = copy_fixture(tmp_path)
     slot_dir = step_dir / "state.param_states.encoder.layers_0.attention.query.kernel.v"
@@ -180,7 +170,6 @@ def test_t5x_load_never_touches_optimizer_state(tmp_path, fixture_f32, monkeypat
     assert len(paths) == 38 and all("/target." in p for p in paths)
 
 
-@needs_fixture
 def test_t5x_accepts_checkpoint_file_and_model_dir(tmp_path, fixture_f32):
     _, params = sp.load_pretrained(T5X_TINY / "checkpoint", dtype="float32")
     assert_bit_exact(params, fixture_f32[1])
@@ -195,7 +184,6 @@ def test_t5x_accepts_checkpoint_file_and_model_dir(tmp_path, fixture_f32):
     assert t5x_legacy.open_checkpoint(tmp_path / "checkpoint_10").step == 3
 
 
-@needs_fixture
 def test_t5x_spec_variants_seen_in_the_wild(tmp_path, fixture_f32):
     step_dir = copy_fixture(tmp_path)
 
@@ -233,7 +221,6 @@ def test_gcs_specs_are_built_from_the_step_dir():
         "t5x", "gs://bucket/models/run/checkpoint_3")
 
 
-@needs_fixture
 def test_read_array_reads_only_the_requested_slice(tmp_path, fixture_f32):
     step_dir = copy_fixture(tmp_path)
     checkpoint = t5x_legacy.open_checkpoint(step_dir)
@@ -253,7 +240,6 @@ def test_read_array_reads_only_the_requested_slice(tmp_path, fixture_f32):
         "attention"]["query"]["kernel"]).astype(jnp.bfloat16)})
 
 
-@needs_fixture
 def test_scanned_config_stacks_t5x_layers(fixture_f32):
     cfg, params = fixture_f32
     scanned_cfg, scanned = sp.load_pretrained(T5X_TINY, dtype="float32",
@@ -409,7 +395,6 @@ def test_missing_path_and_unknown_formats(tmp_path):
         sp.load_pretrained(tmp_path / "pytorch_model.bin")
 
 
-@needs_fixture
 def test_wrong_config_names_file_key_and_shapes(fixture_f32, monkeypatch):
     cfg, _ = fixture_f32
     monkeypatch.setattr(t5x_legacy, "read_array", None)  # shapes are checked before any read
@@ -427,7 +412,6 @@ def test_wrong_config_names_file_key_and_shapes(fixture_f32, monkeypatch):
         sp.load_pretrained(T5X_TINY, config=cfg.replace(logits_via_embedding=True))
 
 
-@needs_fixture
 def test_corrupt_msgpack_names_the_file_and_key(tmp_path):
     step_dir = copy_fixture(tmp_path)
     file = step_dir / "checkpoint"

@@ -9,17 +9,13 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 import pytest
+from conftest import TEST_DATA
 from flax.traverse_util import flatten_dict
 
 import softprompt_jax as sp
 from softprompt_jax.checkpoints import t5x_legacy
 
-T5X_TINY = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "t5x_tiny" / (
-    "checkpoint_3")
-needs_fixture = pytest.mark.skipif(
-    not T5X_TINY.is_dir(),
-    reason=f"real T5X checkpoint fixture not found at {T5X_TINY} (absent outside the workspace)",
-)
+T5X_TINY = TEST_DATA / "t5x_tiny" / "checkpoint_3"
 # Norm scales (8 x f32 = 32 bytes, 16 as bf16) go inline; kernels, relpos, embedding go to zarr.
 INLINE_MAX_BYTES = 64
 
@@ -82,7 +78,6 @@ def test_written_checkpoint_loads_as_a_pretrained_model(tmp_path, tiny_params):
     assert_bit_exact(params, expected)
 
 
-@needs_fixture
 def test_written_checkpoint_follows_the_real_t5x_conventions(tmp_path, tiny_params):
     step_dir = Path(t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=3,
                                                    inline_max_bytes=INLINE_MAX_BYTES))

@@ -7,7 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import shared_fixture
+from conftest import TEST_DATA
 from safetensors.numpy import load_file, save_file
 
 import softprompt_jax as sp
@@ -30,7 +30,7 @@ def test_npy_round_trip(tmp_path):
 
 
 def test_float64_fixture_loads_as_float32():
-    prompt = sp.load_prompt(shared_fixture("prompt_5x256.npy"))
+    prompt = sp.load_prompt(TEST_DATA / "prompt_5x256.npy")
     assert prompt.shape == (5, 256) and prompt.dtype == jnp.float32
     np.testing.assert_allclose(
         prompt[0, :4], [0.29594052, 0.07733205, 0.97528514, 0.13458858], rtol=1e-7

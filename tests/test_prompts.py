@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import shared_fixture
+from conftest import TEST_DATA
 
 import softprompt_jax as sp
 from softprompt_jax.model import get_config, init_params
@@ -25,7 +25,7 @@ def table_params():
 @pytest.fixture(scope="module")
 def t5_vocab():
     spm = pytest.importorskip("sentencepiece")
-    return spm.SentencePieceProcessor(model_file=str(shared_fixture("t5_vocab", "spiece.model")))
+    return spm.SentencePieceProcessor(model_file=str(TEST_DATA / "t5_vocab" / "spiece.model"))
 
 
 @pytest.fixture(scope="module")

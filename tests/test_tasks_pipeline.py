@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow_datasets as tfds
-from conftest import shared_fixture
+from conftest import TEST_DATA
 from softprompt_jax.tasks import (
     SUPER_GLUE_TASK_NAMES,
     evaluate_predictions,
@@ -63,7 +63,7 @@ def write_super_glue(data_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def vocab_path() -> str:
-    return os.fspath(shared_fixture("t5_vocab", "spiece.model"))
+    return os.fspath(TEST_DATA / "t5_vocab" / "spiece.model")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import tensorflow as tf
-from conftest import shared_fixture
+from conftest import TEST_DATA
 from softprompt_jax.tasks import vocab
 
 
@@ -25,7 +25,7 @@ def test_vocabulary_is_read_on_first_use_only(tmp_path) -> None:
 
 
 def test_real_t5_vocabulary_ids() -> None:
-    t5 = vocab.get_vocabulary(str(shared_fixture("t5_vocab", "spiece.model")))
+    t5 = vocab.get_vocabulary(str(TEST_DATA / "t5_vocab" / "spiece.model"))
     assert t5.vocab_size == 32_100  # 32,000 pieces + 100 sentinels
     assert t5.encode("True") == [10998]
     assert t5.encode("<extra_id_0>") == [32099]
