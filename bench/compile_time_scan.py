@@ -23,8 +23,9 @@ from typing import Any
 
 
 def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="small", help="dims of t5_1_1_<size>")
     parser.add_argument("--layers", type=int, default=24, help="encoder and decoder layers each")
     parser.add_argument("--remat", nargs="+", default=["none", "full"])
@@ -47,13 +48,19 @@ def _abstract_inputs(cfg: Any, tx: Any, args: argparse.Namespace) -> tuple:
     from softprompt_jax.train.step import init_train_state
 
     params = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(args.dtype)), param_shapes(cfg))
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(args.dtype)), param_shapes(cfg)
+    )
     state = jax.eval_shape(
-        lambda: init_train_state(jnp.zeros((args.prompt_length, cfg.emb_dim)), tx))
-    tokens = {name: jax.ShapeDtypeStruct((args.batch, length), jnp.int32)
-              for name, length in (("encoder_input_tokens", args.inputs),
-                                   ("decoder_input_tokens", args.targets),
-                                   ("decoder_target_tokens", args.targets))}
+        lambda: init_train_state(jnp.zeros((args.prompt_length, cfg.emb_dim)), tx)
+    )
+    tokens = {
+        name: jax.ShapeDtypeStruct((args.batch, length), jnp.int32)
+        for name, length in (
+            ("encoder_input_tokens", args.inputs),
+            ("decoder_input_tokens", args.targets),
+            ("decoder_target_tokens", args.targets),
+        )
+    }
     weights = jax.ShapeDtypeStruct((args.batch, args.targets), jnp.float32)
     rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     return state, params, {**tokens, "decoder_loss_weights": weights}, rng
@@ -68,8 +75,13 @@ def measure(scan_layers: bool, remat: str, args: argparse.Namespace) -> dict:
     from softprompt_jax.train.step import make_train_step
 
     cfg = sp.get_config(f"t5_1_1_{args.size}").replace(
-        num_encoder_layers=args.layers, num_decoder_layers=args.layers, dtype=args.dtype,
-        dropout_rate=args.dropout_rate, scan_layers=scan_layers, remat_policy=remat)
+        num_encoder_layers=args.layers,
+        num_decoder_layers=args.layers,
+        dtype=args.dtype,
+        dropout_rate=args.dropout_rate,
+        scan_layers=scan_layers,
+        remat_policy=remat,
+    )
     tx = make_optimizer()
     step = make_train_step(cfg, tx)
     if args.mesh:
@@ -87,12 +99,21 @@ def measure(scan_layers: bool, remat: str, args: argparse.Namespace) -> dict:
     lowered.compile()
     compile_s = time.perf_counter() - start
     return dict(
-        size=args.size, layers=f"{args.layers}+{args.layers}", emb_dim=cfg.emb_dim,
-        scan_layers=scan_layers, remat_policy=remat, dropout_rate=args.dropout_rate,
-        mesh=args.mesh or "1", backend=jax.default_backend(), batch=args.batch,
-        inputs=args.inputs + args.prompt_length, targets=args.targets,
-        lower_s=round(lower_s, 2), compile_s=round(compile_s, 2),
-        total_s=round(lower_s + compile_s, 2), stablehlo_lines=lowered.as_text().count("\n"),
+        size=args.size,
+        layers=f"{args.layers}+{args.layers}",
+        emb_dim=cfg.emb_dim,
+        scan_layers=scan_layers,
+        remat_policy=remat,
+        dropout_rate=args.dropout_rate,
+        mesh=args.mesh or "1",
+        backend=jax.default_backend(),
+        batch=args.batch,
+        inputs=args.inputs + args.prompt_length,
+        targets=args.targets,
+        lower_s=round(lower_s, 2),
+        compile_s=round(compile_s, 2),
+        total_s=round(lower_s + compile_s, 2),
+        stablehlo_lines=lowered.as_text().count("\n"),
     )
 
 
@@ -102,8 +123,9 @@ def main() -> None:
         devices = 1
         for n in args.mesh.split("x"):
             devices *= int(n)
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={devices}")
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+        )
     for remat in args.remat:
         for scan_layers in (False, True):
             print(json.dumps(measure(scan_layers, remat, args)), flush=True)

@@ -38,12 +38,16 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = get_config(args.model).replace(dtype=args.dtype)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(args.dtype)),
-                          param_shapes(cfg))
+    params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(args.dtype)), param_shapes(cfg)
+    )
     prompt = jax.ShapeDtypeStruct((args.prompt_length, cfg.emb_dim), jnp.float32)
     ints = lambda length: jax.ShapeDtypeStruct((args.batch, length), jnp.int32)
-    batch = {"encoder_input_tokens": ints(args.inputs), "decoder_input_tokens": ints(args.targets),
-             "decoder_target_tokens": ints(args.targets)}
+    batch = {
+        "encoder_input_tokens": ints(args.inputs),
+        "decoder_input_tokens": ints(args.targets),
+        "decoder_target_tokens": ints(args.targets),
+    }
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
     optimizer, loss_config = make_optimizer(), LossConfig()
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer), prompt)
@@ -54,14 +58,16 @@ def main() -> None:
     def all_weights_grad(prompt, params, batch, rng):
         return jax.grad(lambda trees: forward(*trees, batch, rng))((prompt, params))
 
-    print(f"{args.model} ({args.dtype}), prompt {args.prompt_length}, batch {args.batch}, "
-          f"inputs {args.inputs}, targets {args.targets}; dropout {cfg.dropout_rate}")
+    print(
+        f"{args.model} ({args.dtype}), prompt {args.prompt_length}, batch {args.batch}, "
+        f"inputs {args.inputs}, targets {args.targets}; dropout {cfg.dropout_rate}"
+    )
     results = {
         "forward (loss only)": compiled_flops(forward, prompt, params, batch, rng),
         "prompt-only train step": compiled_flops(
-            make_train_step(cfg, optimizer, loss_config), state, params, batch, rng),
-        "gradient w.r.t. all weights": compiled_flops(all_weights_grad, prompt, params, batch,
-                                                      rng),
+            make_train_step(cfg, optimizer, loss_config), state, params, batch, rng
+        ),
+        "gradient w.r.t. all weights": compiled_flops(all_weights_grad, prompt, params, batch, rng),
     }
     for name, (flops, seconds) in results.items():
         print(f"  {name:<28} {flops:.3e} FLOPs  (compiled in {seconds:.0f} s)")

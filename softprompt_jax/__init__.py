@@ -10,5 +10,12 @@ from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt  # 
 from softprompt_jax.prompts import PROMPT_AXES, init_prompt, prompted_logits  # noqa: E402
 from softprompt_jax.train.step import prompt_loss_and_grad, score_batch  # noqa: E402
 
-__all__ += ["PROMPT_AXES", "init_prompt", "load_prompt", "prompt_loss_and_grad",
-            "prompted_logits", "save_prompt", "score_batch"]
+__all__ += [
+    "PROMPT_AXES",
+    "init_prompt",
+    "load_prompt",
+    "prompt_loss_and_grad",
+    "prompted_logits",
+    "save_prompt",
+    "score_batch",
+]

@@ -24,25 +24,34 @@ GIN_COMMANDS = {"train": "train", "eval": "evaluate", "infer": "infer"}
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="softprompt-jax", description=__doc__,
+        prog="softprompt-jax",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in GIN_COMMANDS:
         sub = commands.add_parser(name, help=f"{name} from gin files and --gin.NAME=VALUE flags")
         sub.add_argument("--gin_file", action="append", default=[], help="a gin file (repeatable)")
-        sub.add_argument("--gin_search_path", action="append", default=[],
-                         help="an extra folder to resolve gin files and includes against")
+        sub.add_argument(
+            "--gin_search_path",
+            action="append",
+            default=[],
+            help="an extra folder to resolve gin files and includes against",
+        )
         multihost = sub.add_argument_group("multi-host (one process per host)")
         multihost.add_argument("--coordinator_address", help="host:port of process 0")
         multihost.add_argument("--num_processes", type=int)
         multihost.add_argument("--process_id", type=int)
-        multihost.add_argument("--multihost", action="store_true",
-                               help="start jax.distributed from the TPU pod's environment")
+        multihost.add_argument(
+            "--multihost",
+            action="store_true",
+            help="start jax.distributed from the TPU pod's environment",
+        )
     export = commands.add_parser("export", help="export a run's prompt as .npy or PEFT")
     export.add_argument("--model_dir", required=True)
-    export.add_argument("--output", required=True,
-                        help="a path ending in .npy, or a directory for the PEFT format")
+    export.add_argument(
+        "--output", required=True, help="a path ending in .npy, or a directory for the PEFT format"
+    )
     export.add_argument("--step", default="latest", help="'latest', 'best' or a step number")
     demo = commands.add_parser("demo", help="the offline prompt-tuning demo (CPU, minutes)")
     demo.add_argument("--workdir", default="softprompt_demo")
@@ -78,8 +87,9 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> int:
     from softprompt_jax import gin_config
     from softprompt_jax.partitioning import initialize_distributed
 
-    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
-                           auto=args.multihost)
+    initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id, auto=args.multihost
+    )
     if not args.gin_file:
         raise ValueError(f"{args.command} needs at least one --gin_file")
     gin_config.parse(args.gin_file, bindings, args.gin_search_path)

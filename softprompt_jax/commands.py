@@ -39,20 +39,39 @@ def _load_model_and_prompt(checkpoint_path: str, prompt_file: str, dtype: str):
 
 
 def evaluate(
-    *, checkpoint_path: str, prompt_file: str, task: str, output_dir: str,
-    feature_lengths: Mapping[str, int], split: str = "validation", batch_size: int = 32,
-    max_examples: int | None = None, dtype: str = "bfloat16",
+    *,
+    checkpoint_path: str,
+    prompt_file: str,
+    task: str,
+    output_dir: str,
+    feature_lengths: Mapping[str, int],
+    split: str = "validation",
+    batch_size: int = 32,
+    max_examples: int | None = None,
+    dtype: str = "bfloat16",
 ) -> dict[str, float]:
     """The task's metrics for a prompt file on a frozen checkpoint -> `output_dir/metrics.json`."""
     seqio.get_mixture_or_task(task)  # an unknown task fails before the model loads
     cfg, params, prompt = _load_model_and_prompt(checkpoint_path, prompt_file, dtype)
-    metrics = evaluate_prompt(cfg, params, prompt, task=task, split=split,
-                              feature_lengths=feature_lengths, batch_size=batch_size,
-                              max_examples=max_examples)
+    metrics = evaluate_prompt(
+        cfg,
+        params,
+        prompt,
+        task=task,
+        split=split,
+        feature_lengths=feature_lengths,
+        batch_size=batch_size,
+        max_examples=max_examples,
+    )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"task": task, "split": split, "prompt_file": str(prompt_file),
-              "checkpoint_path": str(checkpoint_path), "metrics": metrics}
+    record = {
+        "task": task,
+        "split": split,
+        "prompt_file": str(prompt_file),
+        "checkpoint_path": str(checkpoint_path),
+        "metrics": metrics,
+    }
     storage.write_text_atomic(out / "metrics.json", json.dumps(record, indent=2) + "\n")
     MetricsWriter(out, tensorboard=False).write("eval", 0, {"split": split, **metrics})
     print(f"{task} {split}: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
@@ -60,10 +79,20 @@ def evaluate(
 
 
 def infer(
-    *, checkpoint_path: str, prompt_file: str, task: str, output_file: str,
-    feature_lengths: Mapping[str, int], split: str = "validation", batch_size: int = 32,
-    max_examples: int | None = None, dtype: str = "bfloat16", decode_length: int | None = None,
-    temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+    *,
+    checkpoint_path: str,
+    prompt_file: str,
+    task: str,
+    output_file: str,
+    feature_lengths: Mapping[str, int],
+    split: str = "validation",
+    batch_size: int = 32,
+    max_examples: int | None = None,
+    dtype: str = "bfloat16",
+    decode_length: int | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
 ) -> Path:
     """Predictions for a task's split, one JSON line per example; labels not needed.
 
@@ -78,18 +107,27 @@ def infer(
     examples = task_evaluation.load_examples(task, split, lengths, max_examples)
     vocabulary = task_obj.output_features["targets"].vocabulary
     predictions = inference.predict_texts(
-        cfg, params, prompt, vocabulary,
+        cfg,
+        params,
+        prompt,
+        vocabulary,
         task_evaluation.t5x_batches(examples, lengths, batch_size),
-        max_length=decode_length or lengths["targets"], temperature=temperature, top_k=top_k,
+        max_length=decode_length or lengths["targets"],
+        temperature=temperature,
+        top_k=top_k,
         seed=seed,
     )
     lines = []
     for example, prediction in zip(examples, predictions, strict=True):
         inputs = example.get("inputs_pretokenized", b"")
-        lines.append(json.dumps({
-            "inputs": inputs.decode() if isinstance(inputs, bytes) else str(inputs),
-            "prediction": prediction,
-        }))
+        lines.append(
+            json.dumps(
+                {
+                    "inputs": inputs.decode() if isinstance(inputs, bytes) else str(inputs),
+                    "prediction": prediction,
+                }
+            )
+        )
     path = Path(output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_text_atomic(path, "".join(line + "\n" for line in lines))
@@ -100,8 +138,11 @@ def infer(
 def export_prompt(model_dir: str, output: str, step: str = "latest") -> Path:
     """Copy a run's prompt (`latest`, `best` or a step number) to `.npy` or a PEFT directory."""
     numpy_dir = Path(model_dir) / NUMPY_DIR
-    steps = sorted(int(p.name.removeprefix("checkpoint_")) for p in numpy_dir.glob("checkpoint_*")
-                   if p.name.removeprefix("checkpoint_").isdigit())
+    steps = sorted(
+        int(p.name.removeprefix("checkpoint_"))
+        for p in numpy_dir.glob("checkpoint_*")
+        if p.name.removeprefix("checkpoint_").isdigit()
+    )
     if not steps:
         raise FileNotFoundError(f"no prompt checkpoints under {numpy_dir}")
     if step == "latest":

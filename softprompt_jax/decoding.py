@@ -30,21 +30,35 @@ class _LoopState(NamedTuple):
 
 def _decode_step(cfg, params, cache, encoded, encoder_mask, token, max_length):
     logits, variables = T5(cfg).apply(
-        {"params": params, "cache": cache}, encoded, encoder_mask, token,
-        enable_dropout=False, decode=True, max_decode_length=max_length,
-        method=T5.decode, mutable=["cache"],
+        {"params": params, "cache": cache},
+        encoded,
+        encoder_mask,
+        token,
+        enable_dropout=False,
+        decode=True,
+        max_decode_length=max_length,
+        method=T5.decode,
+        mutable=["cache"],
     )
     return logits[:, 0, :], variables["cache"]
 
 
-def init_cache(cfg: T5Config, params: dict, encoded: jax.Array, encoder_mask: jax.Array,
-               max_length: int) -> dict:
+def init_cache(
+    cfg: T5Config, params: dict, encoded: jax.Array, encoder_mask: jax.Array, max_length: int
+) -> dict:
     """A zeroed decode cache for `encoded.shape[0]` rows and `max_length` steps."""
     dummy = jnp.zeros((encoded.shape[0], max_length), jnp.int32)
     shapes = jax.eval_shape(
         lambda: T5(cfg).apply(
-            {"params": params}, encoded, encoder_mask, dummy, enable_dropout=False,
-            decode=True, max_decode_length=max_length, method=T5.decode, mutable=["cache"],
+            {"params": params},
+            encoded,
+            encoder_mask,
+            dummy,
+            enable_dropout=False,
+            decode=True,
+            max_decode_length=max_length,
+            method=T5.decode,
+            mutable=["cache"],
         )[1]["cache"]
     )
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -52,8 +66,15 @@ def init_cache(cfg: T5Config, params: dict, encoded: jax.Array, encoder_mask: ja
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_length", "temperature", "top_k"))
 def decode(
-    cfg: T5Config, params: dict, encoded: jax.Array, encoder_mask: jax.Array, *,
-    max_length: int, temperature: float = 0.0, top_k: int = 0, rng: jax.Array | None = None,
+    cfg: T5Config,
+    params: dict,
+    encoded: jax.Array,
+    encoder_mask: jax.Array,
+    *,
+    max_length: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    rng: jax.Array | None = None,
 ) -> jax.Array:
     """Decode up to `max_length` tokens per row; returns `[batch, max_length]` int32.
 

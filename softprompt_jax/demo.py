@@ -33,8 +33,14 @@ from softprompt_jax.train.trainer import PromptSpec, train
 
 # A small T5 1.1 over seqio's byte vocabulary (259 ids, padded to a multiple of 128).
 DEMO_MODEL = T5Config(
-    vocab_size=384, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
-    num_encoder_layers=2, num_decoder_layers=2, dtype="float32",
+    vocab_size=384,
+    emb_dim=64,
+    num_heads=4,
+    head_dim=16,
+    mlp_dim=128,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    dtype="float32",
 )
 FEATURE_LENGTHS = {"inputs": 16, "targets": 4}
 TUNED_TASK = "min"
@@ -48,17 +54,23 @@ def pretrain(model_dir: Path, steps: int, batch_size: int, seed: int, log) -> Pa
         return checkpoint
     params = init_params(DEMO_MODEL, seed)
     warmup = min(50, steps // 8)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, steps, 1e-4),
-                     weight_decay=0.0)
+    tx = optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, steps, 1e-4), weight_decay=0.0
+    )
     opt_state = tx.init(params)
     model = T5(DEMO_MODEL)
 
     def loss_fn(params, batch):
-        logits = model.apply({"params": params}, batch["encoder_input_tokens"],
-                             batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-                             enable_dropout=False)
-        return weighted_cross_entropy(logits, batch["decoder_target_tokens"],
-                                      loss_weights(batch), normalization="mean_tokens")
+        logits = model.apply(
+            {"params": params},
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            batch["decoder_target_tokens"],
+            enable_dropout=False,
+        )
+        return weighted_cross_entropy(
+            logits, batch["decoder_target_tokens"], loss_weights(batch), normalization="mean_tokens"
+        )
 
     @jax.jit
     def step(params, opt_state, batch):
@@ -72,52 +84,86 @@ def pretrain(model_dir: Path, steps: int, batch_size: int, seed: int, log) -> Pa
         batch = {k: jnp.asarray(v) for k, v in next(batches).items()}
         params, opt_state, loss = step(params, opt_state, batch)
         if i % 100 == 0 or i == steps:
-            log(f"  pre-training step {i}/{steps}  loss {float(loss):.4f}  "
-                f"({time.perf_counter() - start:.0f}s)")
+            log(
+                f"  pre-training step {i}/{steps}  loss {float(loss):.4f}  "
+                f"({time.perf_counter() - start:.0f}s)"
+            )
     save_pretrained(checkpoint, DEMO_MODEL, params)
     return checkpoint
 
 
-def run_demo(workdir: str | Path = "softprompt_demo", *, pretrain_steps: int = 400,
-             tune_steps: int = 200, batch_size: int = 64, prompt_length: int = 8,
-             eval_examples: int = 200, seed: int = 0) -> dict[str, float]:
+def run_demo(
+    workdir: str | Path = "softprompt_demo",
+    *,
+    pretrain_steps: int = 400,
+    tune_steps: int = 200,
+    batch_size: int = 64,
+    prompt_length: int = 8,
+    eval_examples: int = 200,
+    seed: int = 0,
+) -> dict[str, float]:
     """Run the whole demo; prints progress and a results table, returns the accuracies."""
     workdir = Path(workdir)
     log = lambda line: print(line, flush=True)
-    log(f"[1/3] pre-training a tiny T5 ({DEMO_MODEL.emb_dim}d, "
+    log(
+        f"[1/3] pre-training a tiny T5 ({DEMO_MODEL.emb_dim}d, "
         f"{DEMO_MODEL.num_encoder_layers}+{DEMO_MODEL.num_decoder_layers} layers) "
-        "on prefixed byte-level tasks")
+        "on prefixed byte-level tasks"
+    )
     checkpoint = pretrain(workdir, pretrain_steps, batch_size, seed, log)
     cfg, params = load_pretrained(checkpoint, dtype="float32")
 
     taskless = f"taskless_demo_{TUNED_TASK}"
     evaluate = lambda task, prompt: evaluate_prompt(
-        cfg, params, prompt, task=task, split="validation", feature_lengths=FEATURE_LENGTHS,
-        batch_size=100, max_examples=eval_examples)["accuracy"]
+        cfg,
+        params,
+        prompt,
+        task=task,
+        split="validation",
+        feature_lengths=FEATURE_LENGTHS,
+        batch_size=100,
+        max_examples=eval_examples,
+    )["accuracy"]
     empty_prompt = jnp.zeros((0, cfg.emb_dim), jnp.float32)
     with_prefix = evaluate(f"demo_{TUNED_TASK}", empty_prompt)
     before = evaluate(taskless, empty_prompt)
-    log(f"[2/3] frozen model, '{TUNED_TASK}' without its prefix: accuracy {before:.1f}% "
-        f"(with the prefix typed in: {with_prefix:.1f}%)")
+    log(
+        f"[2/3] frozen model, '{TUNED_TASK}' without its prefix: accuracy {before:.1f}% "
+        f"(with the prefix typed in: {with_prefix:.1f}%)"
+    )
 
-    log(f"[3/3] prompt tuning a {prompt_length}-token soft prompt on {taskless} "
-        "(frozen weights, Adafactor lr 0.3)")
+    log(
+        f"[3/3] prompt tuning a {prompt_length}-token soft prompt on {taskless} "
+        "(frozen weights, Adafactor lr 0.3)"
+    )
     prompt_dir = workdir / f"prompt_{TUNED_TASK}"
     if prompt_dir.exists():  # a previous demo's run: start the prompt afresh
         shutil.rmtree(prompt_dir)
     result = train(
-        model_dir=str(prompt_dir), checkpoint_path=str(checkpoint),
-        task=taskless, feature_lengths=FEATURE_LENGTHS, train_steps=tune_steps,
-        batch_size=batch_size, dtype="float32", seed=seed,
+        model_dir=str(prompt_dir),
+        checkpoint_path=str(checkpoint),
+        task=taskless,
+        feature_lengths=FEATURE_LENGTHS,
+        train_steps=tune_steps,
+        batch_size=batch_size,
+        dtype="float32",
+        seed=seed,
         prompt=PromptSpec(method="sampled_vocab", length=prompt_length, seed=seed),
-        optimizer=AdafactorConfig(), loss=LossConfig(z_loss=1e-4, normalization="sum"),
-        log_period=50, eval_period=tune_steps, eval_examples=eval_examples,
-        eval_batch_size=100, checkpoint_period=tune_steps, tensorboard=False,
+        optimizer=AdafactorConfig(),
+        loss=LossConfig(z_loss=1e-4, normalization="sum"),
+        log_period=50,
+        eval_period=tune_steps,
+        eval_examples=eval_examples,
+        eval_batch_size=100,
+        checkpoint_period=tune_steps,
+        tensorboard=False,
     )
     after = result.eval_metrics["accuracy"]
-    rows = [("frozen model, task prefix typed in", with_prefix),
-            ("frozen model, no prefix", before),
-            (f"frozen model + tuned {prompt_length}-token prompt", after)]
+    rows = [
+        ("frozen model, task prefix typed in", with_prefix),
+        ("frozen model, no prefix", before),
+        (f"frozen model + tuned {prompt_length}-token prompt", after),
+    ]
     log(f"\nResults on {eval_examples} validation examples of '{TUNED_TASK}':")
     log(f"  {'setting':<42} accuracy")
     for name, value in rows:

@@ -28,8 +28,7 @@ def gin_dir() -> Path:
     return Path(__file__).resolve().parent / "gin"
 
 
-def parse(files: Sequence[str], bindings: Sequence[str],
-          search_paths: Sequence[str] = ()) -> None:
+def parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
     """Parse gin files (resolved against the packaged folder) and `NAME=VALUE` bindings.
 
     Raises ValueError naming the file or the binding that failed.
@@ -50,8 +49,10 @@ def _parse(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence
         try:
             gin.parse_config_file(file)
         except OSError as error:
-            raise ValueError(f"gin file {file!r} not found (looked in the packaged gin/ folder "
-                             f"{gin_dir()} and the current directory)") from error
+            raise ValueError(
+                f"gin file {file!r} not found (looked in the packaged gin/ folder "
+                f"{gin_dir()} and the current directory)"
+            ) from error
         except Exception as error:
             raise ValueError(f"gin file {file!r}: {error}") from error
     for binding in bindings:

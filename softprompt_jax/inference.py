@@ -25,30 +25,48 @@ Batch = Mapping[str, np.ndarray]
 
 def _encode_with_prompt(model: T5, prompt, tokens, prompt_ids):
     embeddings, mask = prepend_prompt(prompt, model.embed(tokens), tokens > 0, prompt_ids)
-    encoded = model.encode(encoder_input_embeddings=embeddings, encoder_mask=mask,
-                           enable_dropout=False)
+    encoded = model.encode(
+        encoder_input_embeddings=embeddings, encoder_mask=mask, enable_dropout=False
+    )
     return encoded, mask
 
 
 def prompted_encode(
-    cfg: T5Config, params: Mapping[str, Any], prompt: jax.Array, tokens: jax.Array,
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array,
+    tokens: jax.Array,
     prompt_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Encoder output `[b, P + l, d]` and its mask for `[prompt; embed(tokens)]`."""
-    return T5(cfg).apply({"params": params}, prompt, tokens, prompt_ids,
-                         method=_encode_with_prompt)
+    return T5(cfg).apply({"params": params}, prompt, tokens, prompt_ids, method=_encode_with_prompt)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_length", "temperature", "top_k"))
 def predict_tokens(
-    cfg: T5Config, params: Mapping[str, Any], prompt: jax.Array, tokens: jax.Array,
-    prompt_ids: jax.Array | None = None, *, max_length: int, temperature: float = 0.0,
-    top_k: int = 0, rng: jax.Array | None = None,
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array,
+    tokens: jax.Array,
+    prompt_ids: jax.Array | None = None,
+    *,
+    max_length: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    rng: jax.Array | None = None,
 ) -> jax.Array:
     """Decoded target ids `[batch, max_length]` (greedy unless `temperature > 0`)."""
     encoded, mask = prompted_encode(cfg, params, prompt, tokens, prompt_ids)
-    return decoding.decode(cfg, params, encoded, mask, max_length=max_length,
-                           temperature=temperature, top_k=top_k, rng=rng)
+    return decoding.decode(
+        cfg,
+        params,
+        encoded,
+        mask,
+        max_length=max_length,
+        temperature=temperature,
+        top_k=top_k,
+        rng=rng,
+    )
 
 
 def ids_to_texts(vocabulary, ids: np.ndarray) -> list[str]:
@@ -75,9 +93,16 @@ def make_score_fn(
 
 
 def predict_texts(
-    cfg: T5Config, params: Mapping[str, Any], prompt: jax.Array, vocabulary,
-    batches: Sequence[tuple[Batch, int]] | Any, *, max_length: int, temperature: float = 0.0,
-    top_k: int = 0, seed: int = 0,
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array,
+    vocabulary,
+    batches: Sequence[tuple[Batch, int]] | Any,
+    *,
+    max_length: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
 ) -> list[str]:
     """Predictions as text for `(batch, real_rows)` pairs, in order.
 
@@ -88,8 +113,16 @@ def predict_texts(
     for i, (batch, size) in enumerate(batches):
         tokens = jnp.asarray(batch["encoder_input_tokens"])
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-        ids = predict_tokens(cfg, params, prompt, tokens, batch.get("prompt_ids"),
-                             max_length=max_length, temperature=temperature, top_k=top_k,
-                             rng=rng)
+        ids = predict_tokens(
+            cfg,
+            params,
+            prompt,
+            tokens,
+            batch.get("prompt_ids"),
+            max_length=max_length,
+            temperature=temperature,
+            top_k=top_k,
+            rng=rng,
+        )
         texts += ids_to_texts(vocabulary, np.asarray(ids)[:size])
     return texts

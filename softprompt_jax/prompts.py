@@ -200,8 +200,12 @@ def prompted_apply(
         prompt, model.embed(encoder_input_tokens), encoder_input_tokens > 0, prompt_ids
     )
     return model(
-        None, decoder_input_tokens, decoder_target_tokens,
-        encoder_input_embeddings=embeddings, encoder_mask=mask, enable_dropout=enable_dropout,
+        None,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        encoder_input_embeddings=embeddings,
+        encoder_mask=mask,
+        enable_dropout=enable_dropout,
         undropped_prefix=0 if prompt_dropout else prompt.shape[-2],
     )
 
@@ -223,7 +227,14 @@ def prompted_logits(
     """Teacher-forced float32 logits `[batch, target_len, vocab]` of the prompted model."""
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return T5(cfg).apply(
-        {"params": params}, prompt, encoder_input_tokens, decoder_input_tokens,
-        decoder_target_tokens, prompt_ids, enable_dropout=enable_dropout,
-        prompt_dropout=prompt_dropout, method=prompted_apply, rngs=rngs,
+        {"params": params},
+        prompt,
+        encoder_input_tokens,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        prompt_ids,
+        enable_dropout=enable_dropout,
+        prompt_dropout=prompt_dropout,
+        method=prompted_apply,
+        rngs=rngs,
     )

@@ -35,7 +35,8 @@ def tiny():
     cfg = sp.get_config("t5_1_1_tiny")
     rng = np.random.default_rng(0)
     return cfg, jax.tree_util.tree_map(
-        lambda s: rng.standard_normal(s.shape, np.float32), sp.param_shapes(cfg))
+        lambda s: rng.standard_normal(s.shape, np.float32), sp.param_shapes(cfg)
+    )
 
 
 def flat(tree) -> dict:
@@ -76,10 +77,11 @@ def read_zarr_with_numpy(directory: Path) -> np.ndarray:
     out = np.empty((rows, cols), np.dtype(meta["dtype"]))
     for i in range(-(-rows // chunk_rows)):
         for j in range(-(-cols // chunk_cols)):
-            chunk = np.frombuffer(gzip.decompress((directory / f"{i}.{j}").read_bytes()),
-                                  meta["dtype"]).reshape(chunk_rows, chunk_cols)
-            part = out[i * chunk_rows:(i + 1) * chunk_rows, j * chunk_cols:(j + 1) * chunk_cols]
-            part[...] = chunk[:part.shape[0], :part.shape[1]]
+            chunk = np.frombuffer(
+                gzip.decompress((directory / f"{i}.{j}").read_bytes()), meta["dtype"]
+            ).reshape(chunk_rows, chunk_cols)
+            part = out[i * chunk_rows : (i + 1) * chunk_rows, j * chunk_cols : (j + 1) * chunk_cols]
+            part[...] = chunk[: part.shape[0], : part.shape[1]]
     return out
 
 
@@ -89,7 +91,12 @@ def read_zarr_with_numpy(directory: Path) -> np.ndarray:
 def test_t5x_fixture_config_is_inferred(fixture_f32):
     cfg, _ = fixture_f32
     assert (cfg.vocab_size, cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim) == (
-        32128, 4, 2, 2, 8)
+        32128,
+        4,
+        2,
+        2,
+        8,
+    )
     assert (cfg.num_encoder_layers, cfg.num_decoder_layers) == (2, 2)
     assert cfg.mlp_activations == ("gelu", "linear") and not cfg.logits_via_embedding
     assert cfg.relative_attention_num_buckets == 4
@@ -104,20 +111,30 @@ def test_t5x_fixture_has_every_param_in_place(fixture_f32):
     assert all(v.dtype == jnp.float32 for v in flat(params).values())
     # Anchor values measured on this checkpoint (notes: official_prompt_tuning.md §3.1).
     embedding = np.asarray(params["token_embedder"]["embedding"])
-    np.testing.assert_allclose(embedding[0], [0.07208829, 0.20919628, 1.646182, 1.7147633],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        embedding[0], [0.07208829, 0.20919628, 1.646182, 1.7147633], rtol=1e-6
+    )
     assert embedding.astype(np.float64).sum() == pytest.approx(-258.082182567852, abs=1e-9)
-    np.testing.assert_allclose(params["encoder"]["encoder_norm"]["scale"],
-                               [0.93264055, 1.02932, 0.98174715, 0.98736763], rtol=1e-6)
-    np.testing.assert_allclose(params["encoder"]["relpos_bias"]["rel_embedding"][0],
-                               [0.03067291, -0.78316545, -0.41009307, -0.10208409], rtol=1e-6)
+    np.testing.assert_allclose(
+        params["encoder"]["encoder_norm"]["scale"],
+        [0.93264055, 1.02932, 0.98174715, 0.98736763],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        params["encoder"]["relpos_bias"]["rel_embedding"][0],
+        [0.03067291, -0.78316545, -0.41009307, -0.10208409],
+        rtol=1e-6,
+    )
 
 
 def test_t5x_fixture_matches_independent_decoders(fixture_f32):
     _, params = fixture_f32
     restored = flax.serialization.msgpack_restore((T5X_TINY / "checkpoint").read_bytes())
-    stored = flatten_dict(restored["optimizer"]["target"], sep="/",
-                          is_leaf=lambda _, node: isinstance(node, dict) and "driver" in node)
+    stored = flatten_dict(
+        restored["optimizer"]["target"],
+        sep="/",
+        is_leaf=lambda _, node: isinstance(node, dict) and "driver" in node,
+    )
     zarr_keys = [k for k, v in stored.items() if isinstance(v, dict)]
     assert len(zarr_keys) == 38
     for key, value in flat(params).items():
@@ -149,8 +166,11 @@ def test_t5x_load_never_touches_optimizer_state(tmp_path, fixture_f32, monkeypat
     slot_dir = step_dir / "state.param_states.encoder.layers_0.attention.query.kernel.v"
     slot_dir.mkdir()
     (slot_dir / ".zarray").write_text("not zarr metadata")
-    slot_spec = {"driver": "zarr", "kvstore": {"driver": "gfile", "path": slot_dir.name},
-                 "metadata": {"shape": [4, 4]}}
+    slot_spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "gfile", "path": slot_dir.name},
+        "metadata": {"shape": [4, 4]},
+    }
 
     def corrupt_slots(state):
         slots = state["optimizer"]["state"]["param_states"]
@@ -209,16 +229,24 @@ def test_t5x_spec_variants_seen_in_the_wild(tmp_path, fixture_f32):
 
 
 def test_gcs_specs_are_built_from_the_step_dir():
-    spec = {"driver": "zarr", "kvstore": {"driver": "gfile", "path": "target.a.kernel/"},
-            "metadata": {"chunks": [4, 4], "compressor": {"id": "gzip"}, "shape": [4, 4]}}
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "gfile", "path": "target.a.kernel/"},
+        "metadata": {"chunks": [4, 4], "compressor": {"id": "gzip"}, "shape": [4, 4]},
+    }
     assert t5x_legacy.tensorstore_spec("gs://bucket/models/run/checkpoint_3/", spec) == {
         "driver": "zarr",
-        "kvstore": {"driver": "gcs", "bucket": "bucket",
-                    "path": "models/run/checkpoint_3/target.a.kernel/"},
+        "kvstore": {
+            "driver": "gcs",
+            "bucket": "bucket",
+            "path": "models/run/checkpoint_3/target.a.kernel/",
+        },
         "metadata": {"shape": [4, 4]},
     }
     assert detect_format("gs://bucket/models/run/checkpoint_3/checkpoint") == (
-        "t5x", "gs://bucket/models/run/checkpoint_3")
+        "t5x",
+        "gs://bucket/models/run/checkpoint_3",
+    )
 
 
 def test_read_array_reads_only_the_requested_slice(tmp_path, fixture_f32):
@@ -236,19 +264,27 @@ def test_read_array_reads_only_the_requested_slice(tmp_path, fixture_f32):
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     kernel = t5x_legacy.open_checkpoint(T5X_TINY).read_sharded(QUERY_0, sharding, jnp.bfloat16)
     assert kernel.sharding == sharding and kernel.dtype == jnp.bfloat16
-    assert_bit_exact({"k": kernel}, {"k": np.asarray(fixture_f32[1]["encoder"]["layers_0"][
-        "attention"]["query"]["kernel"]).astype(jnp.bfloat16)})
+    assert_bit_exact(
+        {"k": kernel},
+        {
+            "k": np.asarray(
+                fixture_f32[1]["encoder"]["layers_0"]["attention"]["query"]["kernel"]
+            ).astype(jnp.bfloat16)
+        },
+    )
 
 
 def test_scanned_config_stacks_t5x_layers(fixture_f32):
     cfg, params = fixture_f32
-    scanned_cfg, scanned = sp.load_pretrained(T5X_TINY, dtype="float32",
-                                              config=cfg.replace(scan_layers=True))
+    scanned_cfg, scanned = sp.load_pretrained(
+        T5X_TINY, dtype="float32", config=cfg.replace(scan_layers=True)
+    )
     assert scanned_cfg.scan_layers
     np.testing.assert_array_equal(
         scanned["encoder"]["layers"]["attention"]["query"]["kernel"],
-        np.stack([params["encoder"][f"layers_{i}"]["attention"]["query"]["kernel"]
-                  for i in range(2)]),
+        np.stack(
+            [params["encoder"][f"layers_{i}"]["attention"]["query"]["kernel"] for i in range(2)]
+        ),
     )
 
 
@@ -322,31 +358,37 @@ def test_save_pretrained_is_atomic_and_checks_params(tmp_path, tiny, monkeypatch
 
 # Per HF block: (our norm, HF attention module or None for the MLP, our sub-module).
 HF_SUBLAYERS = {
-    "encoder": [("pre_attention_layer_norm", "SelfAttention", "attention"),
-                ("pre_mlp_layer_norm", None, "mlp")],
-    "decoder": [("pre_self_attention_layer_norm", "SelfAttention", "self_attention"),
-                ("pre_cross_attention_layer_norm", "EncDecAttention", "encoder_decoder_attention"),
-                ("pre_mlp_layer_norm", None, "mlp")],
+    "encoder": [
+        ("pre_attention_layer_norm", "SelfAttention", "attention"),
+        ("pre_mlp_layer_norm", None, "mlp"),
+    ],
+    "decoder": [
+        ("pre_self_attention_layer_norm", "SelfAttention", "self_attention"),
+        ("pre_cross_attention_layer_norm", "EncDecAttention", "encoder_decoder_attention"),
+        ("pre_mlp_layer_norm", None, "mlp"),
+    ],
 }
 
 
 def hf_tensors(params) -> dict[str, np.ndarray]:
     """Our params under HF T5 names ([out, in] linears, relpos [buckets, heads] in block 0)."""
     p = jax.tree_util.tree_map(np.asarray, params)
-    out = {"shared.weight": p["token_embedder"]["embedding"],
-           "lm_head.weight": p["decoder"]["logits_dense"]["kernel"].T}
+    out = {
+        "shared.weight": p["token_embedder"]["embedding"],
+        "lm_head.weight": p["decoder"]["logits_dense"]["kernel"].T,
+    }
     for stack, sublayers in HF_SUBLAYERS.items():
         out[f"{stack}.final_layer_norm.weight"] = p[stack][f"{stack}_norm"]["scale"]
-        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
-            p[stack]["relpos_bias"]["rel_embedding"].T)
+        out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = p[stack][
+            "relpos_bias"
+        ]["rel_embedding"].T
         for i in range(2):
             layer = p[stack][f"layers_{i}"]
             for j, (norm, attention, ours) in enumerate(sublayers):
                 prefix = f"{stack}.block.{i}.layer.{j}"
                 out[f"{prefix}.layer_norm.weight"] = layer[norm]["scale"]
                 if attention:
-                    for name, hf_name in zip(("query", "key", "value", "out"), "qkvo",
-                                             strict=True):
+                    for name, hf_name in zip(("query", "key", "value", "out"), "qkvo", strict=True):
                         kernel = layer[ours][name]["kernel"]
                         out[f"{prefix}.{attention}.{hf_name}.weight"] = kernel.T
                 else:
@@ -360,18 +402,33 @@ def test_huggingface_dir_is_detected_and_loaded(tmp_path, tiny):
     cfg, params = tiny
     tensors = hf_tensors(params)
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2],
-              "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for file, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, str(tmp_path / file))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: file for file, keys in shards.items() for k in keys}}))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "t5", "vocab_size": cfg.vocab_size, "d_model": cfg.emb_dim,
-        "d_kv": cfg.head_dim, "num_heads": cfg.num_heads, "d_ff": cfg.mlp_dim, "num_layers": 2,
-        "num_decoder_layers": 2, "feed_forward_proj": "gated-gelu",
-        "tie_word_embeddings": False, "relative_attention_num_buckets": 32,
-        "relative_attention_max_distance": 128}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: file for file, keys in shards.items() for k in keys}})
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "t5",
+                "vocab_size": cfg.vocab_size,
+                "d_model": cfg.emb_dim,
+                "d_kv": cfg.head_dim,
+                "num_heads": cfg.num_heads,
+                "d_ff": cfg.mlp_dim,
+                "num_layers": 2,
+                "num_decoder_layers": 2,
+                "feed_forward_proj": "gated-gelu",
+                "tie_word_embeddings": False,
+                "relative_attention_num_buckets": 32,
+                "relative_attention_max_distance": 128,
+            }
+        )
+    )
 
     assert detect_format(tmp_path) == ("huggingface", str(tmp_path))
     loaded_cfg, loaded = sp.load_pretrained(tmp_path, dtype="float32")
@@ -402,13 +459,19 @@ def test_wrong_config_names_file_key_and_shapes(fixture_f32, monkeypatch):
         sp.load_pretrained(T5X_TINY, config=cfg.replace(mlp_dim=16))
     message = str(error.value)
     assert str(T5X_TINY / "checkpoint") in message
-    assert "'encoder/layers_0/mlp/wi_0/kernel' has shape (4, 8); the model config expects " \
-           "(4, 16)" in message
-    with pytest.raises(ValueError, match="'encoder/layers_2/attention/key/kernel' \\(expected "
-                                         "shape \\(4, 4\\)\\) is missing"):
+    assert (
+        "'encoder/layers_0/mlp/wi_0/kernel' has shape (4, 8); the model config expects "
+        "(4, 16)" in message
+    )
+    with pytest.raises(
+        ValueError,
+        match="'encoder/layers_2/attention/key/kernel' \\(expected shape \\(4, 4\\)\\) is missing",
+    ):
         sp.load_pretrained(T5X_TINY, config=cfg.replace(num_encoder_layers=3))
-    with pytest.raises(ValueError, match="unexpected parameter 'decoder/logits_dense/kernel' "
-                                         "with shape \\(4, 32128\\)"):
+    with pytest.raises(
+        ValueError,
+        match="unexpected parameter 'decoder/logits_dense/kernel' with shape \\(4, 32128\\)",
+    ):
         sp.load_pretrained(T5X_TINY, config=cfg.replace(logits_via_embedding=True))
 
 
@@ -425,7 +488,8 @@ def test_corrupt_msgpack_names_the_file_and_key(tmp_path):
     def corrupt_norm(state):
         target = state["optimizer"]["target"]
         target["encoder"]["encoder_norm"]["scale"] = msgpack.ExtType(
-            1, msgpack.packb([[4], "float32", b"\0" * 15]))
+            1, msgpack.packb([[4], "float32", b"\0" * 15])
+        )
 
     edit_msgpack(step_dir, corrupt_norm)
     with pytest.raises(ValueError, match="encoder/encoder_norm/scale.*corrupt inline array"):

@@ -24,8 +24,10 @@ INLINE_MAX_BYTES = 64
 def tiny_params():
     """Tiny T5 params with the decoder in bf16, so bf16 appears both inline and in zarr."""
     rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32),
-                                    sp.param_shapes(sp.get_config("t5_1_1_tiny")))
+    params = jax.tree_util.tree_map(
+        lambda s: rng.standard_normal(s.shape, np.float32),
+        sp.param_shapes(sp.get_config("t5_1_1_tiny")),
+    )
     params["decoder"] = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params["decoder"])
     return params
 
@@ -43,12 +45,14 @@ def raw_state(step_dir) -> dict:
     return msgpack.unpackb((Path(step_dir) / "checkpoint").read_bytes(), strict_map_key=False)
 
 
-def test_round_trip_is_bit_exact_with_inline_zarr_and_bf16_leaves(tmp_path, tiny_params,
-                                                                  monkeypatch):
+def test_round_trip_is_bit_exact_with_inline_zarr_and_bf16_leaves(
+    tmp_path, tiny_params, monkeypatch
+):
     # A small chunk budget makes the embedding a multi-chunk zarr array: [128, 8] chunks.
     monkeypatch.setattr(t5x_legacy, "_CHUNK_BUDGET_BYTES", 128 * 8 * 4)
-    step_dir = t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=1100,
-                                              inline_max_bytes=INLINE_MAX_BYTES)
+    step_dir = t5x_legacy.save_t5x_checkpoint(
+        tmp_path, tiny_params, step=1100, inline_max_bytes=INLINE_MAX_BYTES
+    )
     assert Path(step_dir) == tmp_path / "checkpoint_1100"
 
     params, step = t5x_legacy.load_t5x_checkpoint(step_dir)
@@ -61,17 +65,20 @@ def test_round_trip_is_bit_exact_with_inline_zarr_and_bf16_leaves(tmp_path, tiny
     assert leaves["decoder/decoder_norm/scale"].dtype == jnp.bfloat16
     assert isinstance(leaves["decoder/layers_0/mlp/wo/kernel"], dict)  # bf16 zarr
     bf16_zarray = json.loads(
-        (Path(step_dir) / "target.decoder.layers_0.mlp.wo.kernel" / ".zarray").read_text())
+        (Path(step_dir) / "target.decoder.layers_0.mlp.wo.kernel" / ".zarray").read_text()
+    )
     assert bf16_zarray["dtype"] == "bfloat16"
     embedding = json.loads(
-        (Path(step_dir) / "target.token_embedder.embedding" / ".zarray").read_text())
+        (Path(step_dir) / "target.token_embedder.embedding" / ".zarray").read_text()
+    )
     assert embedding["chunks"] == [128, 8]
     assert len(list((Path(step_dir) / "target.token_embedder.embedding").glob("*.0"))) == 251
 
 
 def test_written_checkpoint_loads_as_a_pretrained_model(tmp_path, tiny_params):
-    step_dir = t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=3, dtype="float32",
-                                              inline_max_bytes=INLINE_MAX_BYTES)
+    step_dir = t5x_legacy.save_t5x_checkpoint(
+        tmp_path, tiny_params, step=3, dtype="float32", inline_max_bytes=INLINE_MAX_BYTES
+    )
     cfg, params = sp.load_pretrained(step_dir, dtype="float32")
     assert cfg == sp.get_config("t5_1_1_tiny")
     expected = jax.tree_util.tree_map(lambda x: x.astype(np.float32), tiny_params)
@@ -79,8 +86,11 @@ def test_written_checkpoint_loads_as_a_pretrained_model(tmp_path, tiny_params):
 
 
 def test_written_checkpoint_follows_the_real_t5x_conventions(tmp_path, tiny_params):
-    step_dir = Path(t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=3,
-                                                   inline_max_bytes=INLINE_MAX_BYTES))
+    step_dir = Path(
+        t5x_legacy.save_t5x_checkpoint(
+            tmp_path, tiny_params, step=3, inline_max_bytes=INLINE_MAX_BYTES
+        )
+    )
     ours, theirs = raw_state(step_dir), raw_state(T5X_TINY)
     assert ours.keys() == theirs.keys() == {"version", "optimizer"}
     assert ours["version"] == theirs["version"] == 3
@@ -88,8 +98,9 @@ def test_written_checkpoint_follows_the_real_t5x_conventions(tmp_path, tiny_para
     # The step is a 0-d int32 flax ndarray (ext type 1), as T5X wrote it.
     our_step, their_step = ours["optimizer"]["state"]["step"], theirs["optimizer"]["state"]["step"]
     assert our_step.code == their_step.code == 1
-    assert msgpack.unpackb(our_step.data)[:2] == msgpack.unpackb(their_step.data)[:2] == [
-        [], "int32"]
+    assert (
+        msgpack.unpackb(our_step.data)[:2] == msgpack.unpackb(their_step.data)[:2] == [[], "int32"]
+    )
 
     key = "encoder/layers_0/attention/query/kernel"
     our_spec = flatten_dict(ours["optimizer"]["target"], sep="/", is_leaf=_is_spec)[key]
@@ -113,15 +124,15 @@ def test_written_checkpoint_follows_the_real_t5x_conventions(tmp_path, tiny_para
     # T5X decodes the msgpack with flax.serialization; it must read our inline leaves back.
     restored = flax.serialization.msgpack_restore((step_dir / "checkpoint").read_bytes())
     target = restored["optimizer"]["target"]
-    np.testing.assert_array_equal(target["encoder"]["encoder_norm"]["scale"],
-                                  tiny_params["encoder"]["encoder_norm"]["scale"])
+    np.testing.assert_array_equal(
+        target["encoder"]["encoder_norm"]["scale"], tiny_params["encoder"]["encoder_norm"]["scale"]
+    )
     assert int(restored["optimizer"]["state"]["step"]) == 3
 
 
 def test_big_inline_arrays_are_chunked_as_flax_does(tmp_path, tiny_params, monkeypatch):
     monkeypatch.setattr(flax.serialization, "MAX_CHUNK_SIZE", 4096)
-    step_dir = t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=0,
-                                              inline_max_bytes=10**9)
+    step_dir = t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=0, inline_max_bytes=10**9)
     embedding = raw_state(step_dir)["optimizer"]["target"]["token_embedder"]["embedding"]
     assert embedding["__msgpack_chunked_array__"] is True
     assert len(embedding["chunks"]) == 32128 * 8 * 4 // 4096
@@ -138,8 +149,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path, tiny_params, monkeypatch):
     # Zarr arrays are already written when the msgpack is serialised.
     monkeypatch.setattr(flax.serialization, "msgpack_serialize", fail)
     with pytest.raises(RuntimeError, match="killed half-way"):
-        t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=5,
-                                       inline_max_bytes=INLINE_MAX_BYTES)
+        t5x_legacy.save_t5x_checkpoint(
+            tmp_path, tiny_params, step=5, inline_max_bytes=INLINE_MAX_BYTES
+        )
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,8 +20,16 @@ from softprompt_jax.train.checkpointing import NUMPY_DIR, PROMPT_SIDECAR
 
 TASK = "demo_multitask"  # offline, byte vocabulary
 LENGTHS = "{'inputs': 16, 'targets': 8}"
-TINY = sp.T5Config(vocab_size=384, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
-                   num_encoder_layers=1, num_decoder_layers=1, dtype="float32")
+TINY = sp.T5Config(
+    vocab_size=384,
+    emb_dim=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    dtype="float32",
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +40,22 @@ def frozen_model(tmp_path_factory) -> Path:
 
 
 def gin_flags(model: Path, **macros) -> list[str]:
-    flags = [f"--gin.INITIAL_CHECKPOINT_PATH='{model}'", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
-             f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}", "--gin.PROMPT_LENGTH=4"]
+    flags = [
+        f"--gin.INITIAL_CHECKPOINT_PATH='{model}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+        f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+        "--gin.PROMPT_LENGTH=4",
+    ]
     return flags + [f"--gin.{name}={value}" for name, value in macros.items()]
 
 
 def train_argv(model: Path, model_dir: Path, steps: int, **macros) -> list[str]:
-    return ["train", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_finetune.gin",
-            *gin_flags(model, MODEL_DIR=f"'{model_dir}'", TRAIN_STEPS=steps, BATCH_SIZE=4,
-                       **macros)]
+    return [
+        "train",
+        "--gin_file=models/t5_1_1_tiny.gin",
+        "--gin_file=runs/prompt_finetune.gin",
+        *gin_flags(model, MODEL_DIR=f"'{model_dir}'", TRAIN_STEPS=steps, BATCH_SIZE=4, **macros),
+    ]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -62,30 +77,58 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
     prompt = np.load(exported)
     assert prompt.shape == (4, TINY.emb_dim) and prompt.dtype == np.float32
     np.testing.assert_array_equal(
-        prompt, np.load(run / NUMPY_DIR / "checkpoint_4" / PROMPT_SIDECAR))
+        prompt, np.load(run / NUMPY_DIR / "checkpoint_4" / PROMPT_SIDECAR)
+    )
 
     out = tmp_path / "eval"
-    argv = ["eval", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_eval.gin",
-            *gin_flags(frozen_model, PROMPT_FILE=f"'{exported}'", EVAL_OUTPUT_DIR=f"'{out}'",
-                       EVAL_EXAMPLES=8, BATCH_SIZE=4)]
+    argv = [
+        "eval",
+        "--gin_file=models/t5_1_1_tiny.gin",
+        "--gin_file=runs/prompt_eval.gin",
+        *gin_flags(
+            frozen_model,
+            PROMPT_FILE=f"'{exported}'",
+            EVAL_OUTPUT_DIR=f"'{out}'",
+            EVAL_EXAMPLES=8,
+            BATCH_SIZE=4,
+        ),
+    ]
     assert cli.main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["accuracy"] == train_eval["accuracy"]
     assert metrics["loss_per_token"] == pytest.approx(train_eval["loss_per_token"], rel=1e-6)
 
     predictions = tmp_path / "predictions.jsonl"
-    argv = ["infer", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_infer.gin",
-            *gin_flags(frozen_model, PROMPT_FILE=f"'{exported}'",
-                       INFER_OUTPUT_FILE=f"'{predictions}'", INFER_EXAMPLES=5)]
+    argv = [
+        "infer",
+        "--gin_file=models/t5_1_1_tiny.gin",
+        "--gin_file=runs/prompt_infer.gin",
+        *gin_flags(
+            frozen_model,
+            PROMPT_FILE=f"'{exported}'",
+            INFER_OUTPUT_FILE=f"'{predictions}'",
+            INFER_EXAMPLES=5,
+        ),
+    ]
     assert cli.main(argv) == 0
     lines = read_jsonl(predictions)
     assert len(lines) == 5 and all(set(line) == {"inputs", "prediction"} for line in lines)
     # Sampling from the single best token is greedy decoding, whatever the temperature.
     sampled = tmp_path / "sampled.jsonl"
-    argv = ["infer", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_infer.gin",
-            *gin_flags(frozen_model, PROMPT_FILE=f"'{exported}'",
-                       INFER_OUTPUT_FILE=f"'{sampled}'", INFER_EXAMPLES=5,
-                       INFER_TEMPERATURE=2.0, INFER_TOP_K=1, INFER_SEED=3)]
+    argv = [
+        "infer",
+        "--gin_file=models/t5_1_1_tiny.gin",
+        "--gin_file=runs/prompt_infer.gin",
+        *gin_flags(
+            frozen_model,
+            PROMPT_FILE=f"'{exported}'",
+            INFER_OUTPUT_FILE=f"'{sampled}'",
+            INFER_EXAMPLES=5,
+            INFER_TEMPERATURE=2.0,
+            INFER_TOP_K=1,
+            INFER_SEED=3,
+        ),
+    ]
     assert cli.main(argv) == 0
     assert read_jsonl(sampled) == lines
 
@@ -95,13 +138,27 @@ def test_train_on_a_sharded_mesh_matches_one_device(frozen_model, tmp_path):
     steps, macros = 3, {"EVAL_PERIOD": 3, "EVAL_EXAMPLES": 4}
     sharded = tmp_path / "sharded"
     # A relative MODEL_DIR (orbax itself accepts only absolute paths).
-    argv = [sys.executable, "-m", "softprompt_jax.cli",
-            *train_argv(frozen_model, Path("sharded"), steps, **macros, MESH_MODEL=2,
-                        PARAMETER_PARTITIONING_DIMS=2)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    process = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "softprompt_jax.cli",
+        *train_argv(
+            frozen_model,
+            Path("sharded"),
+            steps,
+            **macros,
+            MESH_MODEL=2,
+            PARAMETER_PARTITIONING_DIMS=2,
+        ),
+    ]
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    process = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     single = tmp_path / "single"
     assert cli.main(train_argv(frozen_model, single, steps, **macros)) == 0  # meanwhile
     output, _ = process.communicate(timeout=300)
@@ -111,18 +168,24 @@ def test_train_on_a_sharded_mesh_matches_one_device(frozen_model, tmp_path):
     prompt = lambda run: np.load(run / NUMPY_DIR / f"checkpoint_{steps}" / PROMPT_SIDECAR)
     # float32; the sharded matmuls and all-reduces only reorder sums.
     np.testing.assert_allclose(prompt(sharded), prompt(single), atol=1e-5)
-    evals = [[r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
-             for run in (sharded, single)]
+    evals = [
+        [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
+        for run in (sharded, single)
+    ]
     assert evals[0]["accuracy"] == evals[1]["accuracy"]
     assert evals[0]["loss_per_token"] == pytest.approx(evals[1]["loss_per_token"], rel=1e-5)
 
 
-@pytest.mark.parametrize("bad_flag,message", [
-    ("--gin.MIXTURE_OR_TASK_NAME='no_such_task'", "no_such_task"),
-    ("--gin.INITIAL_CHECKPOINT_PATH='/nonexistent/ckpt'", "/nonexistent/ckpt"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(frozen_model, tmp_path, capsys, bad_flag,
-                                                  message):
+@pytest.mark.parametrize(
+    "bad_flag,message",
+    [
+        ("--gin.MIXTURE_OR_TASK_NAME='no_such_task'", "no_such_task"),
+        ("--gin.INITIAL_CHECKPOINT_PATH='/nonexistent/ckpt'", "/nonexistent/ckpt"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    frozen_model, tmp_path, capsys, bad_flag, message
+):
     run = tmp_path / "run"
     assert cli.main([*train_argv(frozen_model, run, 2), bad_flag]) == 2
     err = capsys.readouterr().err.strip()
@@ -135,8 +198,12 @@ def test_prompt_that_does_not_fit_is_rejected(frozen_model, tmp_path, capsys):
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((4, 7), np.float32))
     out = tmp_path / "eval"
-    argv = ["eval", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_eval.gin",
-            *gin_flags(frozen_model, PROMPT_FILE=f"'{wrong}'", EVAL_OUTPUT_DIR=f"'{out}'")]
+    argv = [
+        "eval",
+        "--gin_file=models/t5_1_1_tiny.gin",
+        "--gin_file=runs/prompt_eval.gin",
+        *gin_flags(frozen_model, PROMPT_FILE=f"'{wrong}'", EVAL_OUTPUT_DIR=f"'{out}'"),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "wrong.npy" in err and "(4, 7)" in err and str(TINY.emb_dim) in err
@@ -152,11 +219,14 @@ def test_killed_run_resumes_to_the_uninterrupted_prompt(frozen_model, tmp_path):
     """A real process killed with SIGKILL mid-run, restarted, ends where a clean run ends."""
     steps = 9  # three checkpoints, each after an evaluation; killed after the first
     interrupted = tmp_path / "interrupted"
-    argv = [sys.executable, "-m", "softprompt_jax.cli",
-            *train_argv(frozen_model, interrupted, steps, EVAL_PERIOD=3, EVAL_EXAMPLES=4)]
+    argv = [
+        sys.executable,
+        "-m",
+        "softprompt_jax.cli",
+        *train_argv(frozen_model, interrupted, steps, EVAL_PERIOD=3, EVAL_EXAMPLES=4),
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = interrupted / NUMPY_DIR / "checkpoint_3"
 
     def kill_after_first_checkpoint() -> None:
@@ -177,9 +247,11 @@ def test_killed_run_resumes_to_the_uninterrupted_prompt(frozen_model, tmp_path):
     saved = sorted(p.name for p in (interrupted / "checkpoints").glob("checkpoint_*"))
     assert saved and f"checkpoint_{steps}" not in saved, f"the run was not interrupted: {saved}"
 
-    assert cli.main(train_argv(frozen_model, interrupted, steps, EVAL_PERIOD=3,
-                                EVAL_EXAMPLES=4)) == 0
+    assert (
+        cli.main(train_argv(frozen_model, interrupted, steps, EVAL_PERIOD=3, EVAL_EXAMPLES=4)) == 0
+    )
     final = lambda run: np.load(run / NUMPY_DIR / f"checkpoint_{steps}" / PROMPT_SIDECAR)
     np.testing.assert_array_equal(final(interrupted), final(reference))
-    assert not np.array_equal(final(reference),
-                              np.load(reference / NUMPY_DIR / "checkpoint_3" / PROMPT_SIDECAR))
+    assert not np.array_equal(
+        final(reference), np.load(reference / NUMPY_DIR / "checkpoint_3" / PROMPT_SIDECAR)
+    )

@@ -25,8 +25,9 @@ def setup():
     encoder = rng.randint(2, CFG.vocab_size, (16, 7))
     encoder[::3, 4:] = 0
     encoder = jnp.asarray(encoder)
-    encoded = sp.T5(CFG).apply({"params": params}, encoder, enable_dropout=False,
-                               method=sp.T5.encode)
+    encoded = sp.T5(CFG).apply(
+        {"params": params}, encoder, enable_dropout=False, method=sp.T5.encode
+    )
     return params, encoder, encoded
 
 
@@ -37,8 +38,9 @@ def uncached_greedy(params, encoder) -> np.ndarray:
     out = np.zeros((batch, MAX_LENGTH), np.int32)
     ended = np.zeros(batch, bool)
     for i in range(MAX_LENGTH):
-        logits = sp.T5(CFG).apply({"params": params}, encoder, jnp.asarray(inputs),
-                                  enable_dropout=False)
+        logits = sp.T5(CFG).apply(
+            {"params": params}, encoder, jnp.asarray(inputs), enable_dropout=False
+        )
         token = np.where(ended, 0, np.asarray(jnp.argmax(logits[:, i], -1)))
         out[:, i] = token
         ended |= token == EOS_ID
@@ -57,15 +59,24 @@ def test_cached_greedy_equals_uncached(setup):
     assert stopped, "no row reached EOS early; pick another seed"
     for row in stopped:
         eos = list(row).index(EOS_ID)
-        assert not row[eos + 1:].any()
+        assert not row[eos + 1 :].any()
 
 
 def test_sampling_is_seeded_and_respects_top_k(setup):
     params, encoder, encoded = setup
     mask = encoder > 0
-    sample = lambda seed, **kw: np.asarray(decode(
-        CFG, params, encoded, mask, max_length=MAX_LENGTH, temperature=1.0,
-        rng=jax.random.PRNGKey(seed), **kw))
+    sample = lambda seed, **kw: np.asarray(
+        decode(
+            CFG,
+            params,
+            encoded,
+            mask,
+            max_length=MAX_LENGTH,
+            temperature=1.0,
+            rng=jax.random.PRNGKey(seed),
+            **kw,
+        )
+    )
     np.testing.assert_array_equal(sample(1), sample(1))
     assert (sample(1) != sample(2)).any()
     greedy = np.asarray(decode(CFG, params, encoded, mask, max_length=MAX_LENGTH))

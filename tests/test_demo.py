@@ -12,12 +12,18 @@ from softprompt_jax import demo
 
 def test_demo_runs_end_to_end_from_a_fresh_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    results = demo.run_demo("softprompt_demo", pretrain_steps=3, tune_steps=2, batch_size=8,
-                            eval_examples=10)
+    results = demo.run_demo(
+        "softprompt_demo", pretrain_steps=3, tune_steps=2, batch_size=8, eval_examples=10
+    )
     out = capsys.readouterr().out
     assert set(results) == {"with_prefix", "before", "after"}
     assert all(0.0 <= value <= 100.0 for value in results.values())
-    for line in ("[1/3]", "[2/3]", "[3/3]", "frozen model, no prefix",
-                 "frozen model + tuned 8-token prompt"):
+    for line in (
+        "[1/3]",
+        "[2/3]",
+        "[3/3]",
+        "frozen model, no prefix",
+        "frozen model + tuned 8-token prompt",
+    ):
         assert line in out
     assert (tmp_path / "softprompt_demo" / "prompt_min" / "metrics.jsonl").is_file()

@@ -30,15 +30,22 @@ def t5x_paths(num_layers: int, gated: bool, separate_logits: bool) -> set[str]:
     """T5X's parameter names, spelled out independently of the module code."""
     mlp = ["wi_0", "wi_1", "wo"] if gated else ["wi", "wo"]
     attention = lambda prefix: {f"{prefix}/{p}/kernel" for p in ("query", "key", "value", "out")}
-    names = {"token_embedder/embedding", "encoder/relpos_bias/rel_embedding",
-             "encoder/encoder_norm/scale", "decoder/relpos_bias/rel_embedding",
-             "decoder/decoder_norm/scale"}
+    names = {
+        "token_embedder/embedding",
+        "encoder/relpos_bias/rel_embedding",
+        "encoder/encoder_norm/scale",
+        "decoder/relpos_bias/rel_embedding",
+        "decoder/decoder_norm/scale",
+    }
     for i in range(num_layers):
         e, d = f"encoder/layers_{i}", f"decoder/layers_{i}"
         names |= {f"{e}/pre_attention_layer_norm/scale", f"{e}/pre_mlp_layer_norm/scale"}
         names |= attention(f"{e}/attention") | {f"{e}/mlp/{m}/kernel" for m in mlp}
-        names |= {f"{d}/pre_self_attention_layer_norm/scale",
-                  f"{d}/pre_cross_attention_layer_norm/scale", f"{d}/pre_mlp_layer_norm/scale"}
+        names |= {
+            f"{d}/pre_self_attention_layer_norm/scale",
+            f"{d}/pre_cross_attention_layer_norm/scale",
+            f"{d}/pre_mlp_layer_norm/scale",
+        }
         names |= attention(f"{d}/self_attention") | attention(f"{d}/encoder_decoder_attention")
         names |= {f"{d}/mlp/{m}/kernel" for m in mlp}
     if separate_logits:
@@ -67,13 +74,20 @@ def test_every_parameter_has_t5x_logical_axes():
 
 
 # Parameter counts of the published T5 1.1 checkpoints (vocab 32128).
-@pytest.mark.parametrize("name,millions", [
-    ("t5_1_1_small", 77.0), ("t5_1_1_base", 247.6), ("t5_1_1_large", 783.2),
-    ("t5_1_1_xl", 2849.8), ("t5_1_1_xxl", 11135.3),
-])
+@pytest.mark.parametrize(
+    "name,millions",
+    [
+        ("t5_1_1_small", 77.0),
+        ("t5_1_1_base", 247.6),
+        ("t5_1_1_large", 783.2),
+        ("t5_1_1_xl", 2849.8),
+        ("t5_1_1_xxl", 11135.3),
+    ],
+)
 def test_named_sizes_have_published_parameter_counts(name, millions):
-    count = sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(
-        sp.param_shapes(sp.get_config(name))))
+    count = sum(
+        np.prod(x.shape) for x in jax.tree_util.tree_leaves(sp.param_shapes(sp.get_config(name)))
+    )
     assert round(count / 1e6, 1) == millions
 
 
@@ -87,8 +101,12 @@ def test_embeddings_with_mask_equal_token_ids(params):
     from_tokens = model.apply({"params": params}, ENCODER, DECODER, enable_dropout=False)
     embedded = model.apply({"params": params}, ENCODER, method=sp.T5.embed)
     from_embeddings = model.apply(
-        {"params": params}, None, DECODER, encoder_input_embeddings=embedded,
-        encoder_mask=ENCODER > 0, enable_dropout=False,
+        {"params": params},
+        None,
+        DECODER,
+        encoder_input_embeddings=embedded,
+        encoder_mask=ENCODER > 0,
+        enable_dropout=False,
     )
     np.testing.assert_array_equal(from_tokens, from_embeddings)
 
@@ -123,10 +141,14 @@ def test_bfloat16_compute_tracks_float32(params):
     assert np.abs(np.asarray(logits) - np.asarray(reference)).max() < 0.05 * scale
 
 
-@pytest.mark.parametrize("changes", [
-    {"scan_layers": True}, {"remat_policy": "full"},
-    {"scan_layers": True, "remat_policy": "save_dots"},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"scan_layers": True},
+        {"remat_policy": "full"},
+        {"scan_layers": True, "remat_policy": "save_dots"},
+    ],
+)
 def test_scan_and_remat_give_the_same_logits(params, changes):
     cfg = TINY.replace(**changes)
     reference = sp.T5(TINY).apply({"params": params}, ENCODER, DECODER, enable_dropout=False)
@@ -157,7 +179,13 @@ def test_bad_inputs_get_clear_errors(params):
         model.apply({"params": params}, None, DECODER, enable_dropout=False)
     embedded = jnp.zeros((2, 6, TINY.emb_dim))
     with pytest.raises(ValueError, match=r"encoder_mask has shape \(2, 5\)"):
-        model.apply({"params": params}, None, DECODER, encoder_input_embeddings=embedded,
-                    encoder_mask=jnp.ones((2, 5)), enable_dropout=False)
+        model.apply(
+            {"params": params},
+            None,
+            DECODER,
+            encoder_input_embeddings=embedded,
+            encoder_mask=jnp.ones((2, 5)),
+            enable_dropout=False,
+        )
     with pytest.raises(ValueError, match="remat_policy"):
         TINY.replace(remat_policy="sometimes")

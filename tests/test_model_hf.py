@@ -30,10 +30,20 @@ CONFIGS = {
 def make_hf_model(name: str, vocab_size: int = 300):
     ff, tie, d, dkv, heads, dff, enc, dec, buckets, distance = CONFIGS[name]
     hf_config = transformers.T5Config(
-        vocab_size=vocab_size, d_model=d, d_kv=dkv, d_ff=dff, num_layers=enc,
-        num_decoder_layers=dec, num_heads=heads, feed_forward_proj=ff, tie_word_embeddings=tie,
-        relative_attention_num_buckets=buckets, relative_attention_max_distance=distance,
-        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+        vocab_size=vocab_size,
+        d_model=d,
+        d_kv=dkv,
+        d_ff=dff,
+        num_layers=enc,
+        num_decoder_layers=dec,
+        num_heads=heads,
+        feed_forward_proj=ff,
+        tie_word_embeddings=tie,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=distance,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(hf_config).eval()
@@ -67,7 +77,8 @@ def test_logits_match_transformers(name):
 
     with torch.no_grad():
         expected = hf_model(
-            input_ids=torch.tensor(encoder), attention_mask=torch.tensor(encoder > 0),
+            input_ids=torch.tensor(encoder),
+            attention_mask=torch.tensor(encoder > 0),
             decoder_input_ids=torch.tensor(decoder),
         ).logits.numpy()
     logits = sp.T5(cfg).apply(

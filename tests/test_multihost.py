@@ -46,9 +46,12 @@ def _inputs() -> tuple[np.ndarray, dict[str, np.ndarray]]:
     target = rng.integers(3, 256, (BATCH, 4)).astype(np.int32)
     target[1::2, -1] = 0
     decoder_input = np.concatenate([np.zeros((BATCH, 1), np.int32), target[:, :-1]], axis=1)
-    return prompt, {"encoder_input_tokens": enc, "decoder_input_tokens": decoder_input,
-                    "decoder_target_tokens": target,
-                    "decoder_loss_weights": (target > 0).astype(np.float32)}
+    return prompt, {
+        "encoder_input_tokens": enc,
+        "decoder_input_tokens": decoder_input,
+        "decoder_target_tokens": target,
+        "decoder_loss_weights": (target > 0).astype(np.float32),
+    }
 
 
 def _train(step, state, params, batches, rng, to_host) -> tuple[list[float], list]:
@@ -65,8 +68,9 @@ def _evaluate(cfg, params, prompt, batch) -> dict:
     from softprompt_jax import inference
 
     scores = inference.make_score_fn(cfg, params, prompt)(batch)
-    tokens = inference.predict_tokens(cfg, params, prompt, batch["encoder_input_tokens"],
-                                      max_length=4)
+    tokens = inference.predict_tokens(
+        cfg, params, prompt, batch["encoder_input_tokens"], max_length=4
+    )
     return {"scores": np.asarray(scores).tolist(), "tokens": np.asarray(tokens).tolist()}
 
 
@@ -107,7 +111,7 @@ def run_worker(process_id: int, port: int, workdir: Path) -> None:
         mesh = make_mesh(*shape)
         index, count = data_shard_info(mesh)
         size = local_batch_size(BATCH, mesh)
-        local = {key: value[index * size:(index + 1) * size] for key, value in full.items()}
+        local = {key: value[index * size : (index + 1) * size] for key, value in full.items()}
         shardings = param_shardings(cfg, mesh)
         step = partitioned_train_step(make_train_step(cfg, optimizer), mesh, shardings)
         state = place(init_train_state(prompt, optimizer), replicated(mesh))
@@ -115,10 +119,13 @@ def run_worker(process_id: int, port: int, workdir: Path) -> None:
         rng = place(jax.random.PRNGKey(2), replicated(mesh))
         sharded_params = place(params, shardings)
         losses, final = _train(step, state, sharded_params, batches, rng, to_host)
-        report[name] = {"shard": [index, count], "local_batch": size, "losses": losses,
-                        "prompt": final,
-                        "eval": _evaluate(cfg, sharded_params, np.asarray(final, np.float32),
-                                          full)}
+        report[name] = {
+            "shard": [index, count],
+            "local_batch": size,
+            "losses": losses,
+            "prompt": final,
+            "eval": _evaluate(cfg, sharded_params, np.asarray(final, np.float32), full),
+        }
 
     # Only the main process writes; after the barrier every process reads just its slices.
     if is_main_process():
@@ -132,13 +139,15 @@ def run_worker(process_id: int, port: int, workdir: Path) -> None:
         return original(self, key, index, dtype)
 
     T5XCheckpoint.read = recording_read
-    loaded = load_sharded(workdir / "t5x" / "checkpoint_1", cfg,
-                          param_shardings(cfg, make_mesh(1, 4)))
+    loaded = load_sharded(
+        workdir / "t5x" / "checkpoint_1", cfg, param_shardings(cfg, make_mesh(1, 4))
+    )
     T5XCheckpoint.read = original
     report["load_equal"] = all(
         np.array_equal(np.asarray(shard.data), np.asarray(ref)[shard.index])
         for leaf, ref in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params))
-        for shard in leaf.addressable_shards)
+        for shard in leaf.addressable_shards
+    )
     report["query_reads"] = [index for key, index in reads if key == QUERY]
     report["seconds"] = round(time.perf_counter() - start, 1)
     (workdir / f"process_{process_id}.json").write_text(json.dumps(report))
@@ -162,11 +171,19 @@ def _one_device() -> dict:
     cfg, optimizer = _config(), make_optimizer()
     prompt, batch = _inputs()
     params = sp.init_params(cfg, 0)
-    losses, final = _train(jax.jit(make_train_step(cfg, optimizer)),
-                           init_train_state(prompt, optimizer), params,
-                           [batch] * STEPS, jax.random.PRNGKey(2), np.asarray)
-    return {"losses": losses, "prompt": final,
-            "eval": _evaluate(cfg, params, np.asarray(final, np.float32), batch)}
+    losses, final = _train(
+        jax.jit(make_train_step(cfg, optimizer)),
+        init_train_state(prompt, optimizer),
+        params,
+        [batch] * STEPS,
+        jax.random.PRNGKey(2),
+        np.asarray,
+    )
+    return {
+        "losses": losses,
+        "prompt": final,
+        "eval": _evaluate(cfg, params, np.asarray(final, np.float32), batch),
+    }
 
 
 def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -188,14 +205,22 @@ def _wait(procs: list[subprocess.Popen], logs: list[Path]) -> None:
 
 def start_subprocesses(workdir: Path) -> list[subprocess.Popen]:
     """The two processes (conftest starts them right after collection)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+    }
     port, procs = _free_port(), []
     for i in range(PROCESSES):
         with (workdir / f"process_{i}.log").open("w") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, str(i), str(port), str(workdir)], env=env,
-                stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, str(i), str(port), str(workdir)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     return procs
 
 
@@ -225,8 +250,9 @@ def test_two_processes_train_like_one_device(runs, mesh):
 def test_two_processes_evaluate_like_one_device(runs, mesh):
     reports, reference = runs
     for report in reports:
-        np.testing.assert_allclose(report[mesh]["eval"]["scores"], reference["eval"]["scores"],
-                                   rtol=LOSS_RTOL)
+        np.testing.assert_allclose(
+            report[mesh]["eval"]["scores"], reference["eval"]["scores"], rtol=LOSS_RTOL
+        )
         assert report[mesh]["eval"]["tokens"] == reference["eval"]["tokens"]
 
 

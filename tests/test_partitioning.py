@@ -28,14 +28,27 @@ from softprompt_jax.partitioning import (
 SIZES = {"data": 2, "model": 4}
 
 
-@pytest.mark.parametrize(("dims", "expected"), [
-    # (activation dims, parameter dims) -> mesh axes of T5X's names (notes 2.2)
-    ((1, 1), {"batch": "data", "vocab": "model", "embed": None, "mlp": "model",
-              "heads": "model", "kv": None, "joined_kv": "model"}),
-    ((2, 1), {"batch": "data", "vocab": "model", "embed": "model", "mlp": "model"}),
-    ((1, 2), {"batch": "data", "vocab": "model", "embed": "data", "mlp": "model"}),
-    ((2, 2), {"batch": "data", "embed": "model", "heads": "model"}),
-])
+@pytest.mark.parametrize(
+    ("dims", "expected"),
+    [
+        # (activation dims, parameter dims) -> mesh axes of T5X's names (notes 2.2)
+        (
+            (1, 1),
+            {
+                "batch": "data",
+                "vocab": "model",
+                "embed": None,
+                "mlp": "model",
+                "heads": "model",
+                "kv": None,
+                "joined_kv": "model",
+            },
+        ),
+        ((2, 1), {"batch": "data", "vocab": "model", "embed": "model", "mlp": "model"}),
+        ((1, 2), {"batch": "data", "vocab": "model", "embed": "data", "mlp": "model"}),
+        ((2, 2), {"batch": "data", "embed": "model", "heads": "model"}),
+    ],
+)
 def test_standard_rules_map_t5x_names(dims, expected):
     rules = standard_logical_axis_rules(*dims)
     for name, axis in expected.items():
@@ -96,8 +109,9 @@ def test_make_mesh_on_one_device():
 
 def test_memory_plan_of_xxl_on_a_pod_slice():
     xxl = get_config("t5_1_1_xxl").replace(scan_layers=True)
-    plan = memory_plan(xxl, (1, 32), batch_size=32, input_length=512, target_length=8,
-                       prompt_length=100)
+    plan = memory_plan(
+        xxl, (1, 32), batch_size=32, input_length=512, target_length=8, prompt_length=100
+    )
     total_params = sum(s.size for s in jax.tree_util.tree_leaves(param_shapes(xxl)))
     assert 11.1e9 < total_params < 11.2e9
     # bf16 weights over 32 model shards, plus the few replicated norms and (64-head) relpos.
@@ -105,8 +119,15 @@ def test_memory_plan_of_xxl_on_a_pod_slice():
     # Prompt (100 x 4096 f32), its gradient and Adafactor's full `v` (100 < 128 rows: not
     # factored), plus its (1,)-shaped row/column placeholders and step count.
     assert plan.prompt_state == 3 * 100 * 4096 * 4 + 3 * 4
-    fsdp = memory_plan(xxl, (4, 8), batch_size=32, input_length=512, target_length=8,
-                       prompt_length=100, rules=standard_logical_axis_rules(1, 2))
+    fsdp = memory_plan(
+        xxl,
+        (4, 8),
+        batch_size=32,
+        input_length=512,
+        target_length=8,
+        prompt_length=100,
+        rules=standard_logical_axis_rules(1, 2),
+    )
     assert fsdp.frozen_weights < plan.frozen_weights * 1.01  # 8 model x 4 data = 32 ways too
 
 
@@ -115,17 +136,23 @@ def test_memory_plan_activations_follow_batch_and_remat():
     kwargs = dict(input_length=256, target_length=16, prompt_length=20)
     small, large = (memory_plan(cfg, (2, 1), batch_size=b, **kwargs).activations for b in (8, 16))
     assert large == 2 * small  # activations are per example
-    none, dots, full = (memory_plan(cfg.replace(remat_policy=p), (2, 1), batch_size=8,
-                                    **kwargs).activations for p in ("none", "save_dots", "full"))
+    none, dots, full = (
+        memory_plan(cfg.replace(remat_policy=p), (2, 1), batch_size=8, **kwargs).activations
+        for p in ("none", "save_dots", "full")
+    )
     assert full < dots < none
     with pytest.raises(ValueError, match="batch size 6 is not divisible by the data axis size 4"):
         memory_plan(cfg, (4, 1), batch_size=6, **kwargs)
 
 
 def test_memory_table_lists_every_config():
-    table = memory_table({"base": get_config("t5_1_1_base").replace(scan_layers=True)}, (1, 8),
-                         batch_size=8,
-                         input_length=128, target_length=8)
+    table = memory_table(
+        {"base": get_config("t5_1_1_base").replace(scan_layers=True)},
+        (1, 8),
+        batch_size=8,
+        input_length=128,
+        target_length=8,
+    )
     lines = table.splitlines()
     assert lines[0].startswith("| model |") and len(lines) == 3
     assert lines[2].startswith("| base | 1 x 8 |") and lines[2].count("GiB") == 4
@@ -136,12 +163,19 @@ def test_scanning_shrinks_the_program_of_a_deep_model():
     lowers to one layer body instead of 24 copies."""
 
     def lines(scan: bool) -> int:
-        cfg = T5Config(vocab_size=128, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
-                       num_encoder_layers=24, num_decoder_layers=24, dtype="float32",
-                       scan_layers=scan)
+        cfg = T5Config(
+            vocab_size=128,
+            emb_dim=8,
+            num_heads=2,
+            head_dim=4,
+            mlp_dim=16,
+            num_encoder_layers=24,
+            num_decoder_layers=24,
+            dtype="float32",
+            scan_layers=scan,
+        )
         tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
-        forward = jax.jit(lambda p, a, b: T5(cfg).apply({"params": p}, a, b,
-                                                        enable_dropout=False))
+        forward = jax.jit(lambda p, a, b: T5(cfg).apply({"params": p}, a, b, enable_dropout=False))
         return forward.lower(param_shapes(cfg), tokens, tokens).as_text().count("\n")
 
     unscanned, scanned = lines(False), lines(True)

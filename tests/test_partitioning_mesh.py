@@ -41,8 +41,16 @@ def _tiny_config():
     # Every sharded dim divides 8: heads 8, joined_kv 16, mlp 32, vocab 256. One layer per
     # stack and no dropout: XLA:CPU compile time dominates this file (scan over many layers
     # is checked against per-layer logits in test_model.py).
-    return T5Config(vocab_size=256, emb_dim=16, num_heads=8, head_dim=2, mlp_dim=32,
-                    num_encoder_layers=1, num_decoder_layers=1, dtype="float32")
+    return T5Config(
+        vocab_size=256,
+        emb_dim=16,
+        num_heads=8,
+        head_dim=2,
+        mlp_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        dtype="float32",
+    )
 
 
 @functools.cache
@@ -65,8 +73,11 @@ def _batch(batch_size: int = 8, inputs: int = 8, targets: int = 4) -> dict[str, 
     dec_target = rng.integers(3, 256, (batch_size, targets)).astype(np.int32)
     dec_target[1::2, -1] = 0
     dec_input = np.concatenate([np.zeros_like(dec_target[:, :1]), dec_target[:, :-1]], axis=1)
-    return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_input,
-            "decoder_target_tokens": dec_target}
+    return {
+        "encoder_input_tokens": enc,
+        "decoder_input_tokens": dec_input,
+        "decoder_target_tokens": dec_target,
+    }
 
 
 def _train(step, state, params, batch, rng, steps: int = STEPS):
@@ -105,11 +116,17 @@ def _check_training(results: dict) -> None:
     params, batch, rng = jax.device_put((params, batch, rng), one)
     state, losses = _train(
         jax.jit(make_train_step(cfg, optimizer)),
-        jax.device_put(init_train_state(prompt, optimizer), one), params, batch, rng,
+        jax.device_put(init_train_state(prompt, optimizer), one),
+        params,
+        batch,
+        rng,
     )
     eval_loss = float(jax.jit(make_eval_step(cfg))(state, params, batch)["loss"])
-    results["one_device"] = {"losses": losses, "prompt": np.asarray(state.prompt).tolist(),
-                             "eval_loss": eval_loss}
+    results["one_device"] = {
+        "losses": losses,
+        "prompt": np.asarray(state.prompt).tolist(),
+        "eval_loss": eval_loss,
+    }
 
     for name, (data, model, dims, changes) in MESHES.items():
         mesh_cfg = cfg.replace(**changes)
@@ -117,19 +134,21 @@ def _check_training(results: dict) -> None:
         rules = standard_logical_axis_rules(*dims)
         shardings = param_shardings(mesh_cfg, mesh, rules)
         sharded = place(stack_layers(params) if mesh_cfg.scan_layers else params, shardings)
-        step = partitioned_train_step(make_train_step(mesh_cfg, optimizer), mesh, shardings,
-                                      rules=rules)
+        step = partitioned_train_step(
+            make_train_step(mesh_cfg, optimizer), mesh, shardings, rules=rules
+        )
         # Placed like the step's outputs, so the second call reuses the first compilation.
         first = place(init_train_state(prompt, optimizer), replicated(mesh))
         gbatch = global_batch(batch, mesh, rules)
         state, metrics = step(first, sharded, gbatch, rng)
         donated = bool(first.prompt.is_deleted())
         state, more = _train(step, state, sharded, gbatch, rng, STEPS - 1)
-        flat = {"/".join(k.key for k in path): leaf
-                for path, leaf in jax.tree_util.tree_flatten_with_path(sharded)[0]}
+        flat = {
+            "/".join(k.key for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(sharded)[0]
+        }
         if name == EVAL_MESH:
-            evaluate = partitioned_eval_step(make_eval_step(mesh_cfg), mesh, shardings,
-                                             rules=rules)
+            evaluate = partitioned_eval_step(make_eval_step(mesh_cfg), mesh, shardings, rules=rules)
             results["eval_loss"] = float(evaluate(state, sharded, gbatch)["loss"])
         results[name] = {
             "losses": [float(metrics["loss"]), *more],
@@ -137,17 +156,26 @@ def _check_training(results: dict) -> None:
             "donated": donated,
             "prompt_replicated": bool(state.prompt.sharding.is_fully_replicated),
             "batch_spec": list(gbatch["encoder_input_tokens"].sharding.spec),
-            "batch_shard_shape": list(gbatch["encoder_input_tokens"].addressable_shards[0]
-                                      .data.shape),
-            "params": {key: {"spec": [None if e is None else str(e) for e in leaf.sharding.spec],
-                             "shard_shape": list(leaf.addressable_shards[0].data.shape),
-                             "num_devices": len(leaf.sharding.device_set)}
-                       for key, leaf in flat.items()},
+            "batch_shard_shape": list(
+                gbatch["encoder_input_tokens"].addressable_shards[0].data.shape
+            ),
+            "params": {
+                key: {
+                    "spec": [None if e is None else str(e) for e in leaf.sharding.spec],
+                    "shard_shape": list(leaf.addressable_shards[0].data.shape),
+                    "num_devices": len(leaf.sharding.device_set),
+                }
+                for key, leaf in flat.items()
+            },
             "params_equal": all(
-                np.array_equal(np.asarray(leaf), np.asarray(ref)) for leaf, ref in zip(
+                np.array_equal(np.asarray(leaf), np.asarray(ref))
+                for leaf, ref in zip(
                     jax.tree_util.tree_leaves(sharded),
-                    jax.tree_util.tree_leaves(stack_layers(params) if mesh_cfg.scan_layers
-                                              else params))),
+                    jax.tree_util.tree_leaves(
+                        stack_layers(params) if mesh_cfg.scan_layers else params
+                    ),
+                )
+            ),
         }
 
 
@@ -205,25 +233,39 @@ def _check_sharded_load(results: dict, workdir: Path) -> None:
         loaded = load_sharded(step_dir, model_cfg, shardings)
         expected = stack_layers(params) if model_cfg.scan_layers else params
         out[layout] = {
-            "equal": all(np.array_equal(np.asarray(a), b) for a, b in zip(
-                jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(expected))),
-            "shardings_match": all(a.sharding == s for a, s in zip(
-                jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(shardings))),
+            "equal": all(
+                np.array_equal(np.asarray(a), b)
+                for a, b in zip(
+                    jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(expected)
+                )
+            ),
+            "shardings_match": all(
+                a.sharding == s
+                for a, s in zip(
+                    jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(shardings)
+                )
+            ),
             "reads": list(reads),
         }
     T5XCheckpoint.read = original_read
     out["shapes"] = {key: list(leaf.shape) for key, leaf in flatten_dict(params, sep="/").items()}
 
     bf16 = load_sharded(step_dir, cfg.replace(dtype="bfloat16"), param_shardings(cfg, mesh))
-    out["bf16"] = all(a.dtype == jnp.bfloat16 and np.array_equal(
-        np.asarray(a), np.asarray(jnp.asarray(b, jnp.bfloat16)))
-        for a, b in zip(jax.tree_util.tree_leaves(bf16), jax.tree_util.tree_leaves(params)))
+    out["bf16"] = all(
+        a.dtype == jnp.bfloat16
+        and np.array_equal(np.asarray(a), np.asarray(jnp.asarray(b, jnp.bfloat16)))
+        for a, b in zip(jax.tree_util.tree_leaves(bf16), jax.tree_util.tree_leaves(params))
+    )
     scanned = cfg.replace(scan_layers=True)
     native = load_sharded(native_dir, scanned, param_shardings(scanned, mesh))
     out["native_scanned_equal"] = all(
-        np.array_equal(np.asarray(a), b) and a.sharding.spec == s.spec for a, b, s in zip(
-            jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(stack_layers(params)),
-            jax.tree_util.tree_leaves(param_shardings(scanned, mesh))))
+        np.array_equal(np.asarray(a), b) and a.sharding.spec == s.spec
+        for a, b, s in zip(
+            jax.tree_util.tree_leaves(native),
+            jax.tree_util.tree_leaves(stack_layers(params)),
+            jax.tree_util.tree_leaves(param_shardings(scanned, mesh)),
+        )
+    )
     try:
         load_sharded(step_dir, cfg.replace(mlp_dim=64), param_shardings(cfg, mesh))
     except ValueError as error:
@@ -256,15 +298,27 @@ def _check_memory(results: dict) -> None:
         mesh, rules = make_mesh(data, model), standard_logical_axis_rules(*dims)
         sharded = place(params, param_shardings(cfg, mesh, rules))
         device = jax.devices()[5]
-        held = sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(sharded)
-                   for shard in leaf.addressable_shards if shard.device == device)
-        plan = memory_plan(cfg, (data, model), batch_size=8, input_length=8, target_length=4,
-                           prompt_length=4, rules=rules)
+        held = sum(
+            shard.data.nbytes
+            for leaf in jax.tree_util.tree_leaves(sharded)
+            for shard in leaf.addressable_shards
+            if shard.device == device
+        )
+        plan = memory_plan(
+            cfg,
+            (data, model),
+            batch_size=8,
+            input_length=8,
+            target_length=4,
+            prompt_length=4,
+            rules=rules,
+        )
         weights[name] = [held, plan.frozen_weights]
     state = init_train_state(np.zeros((4, cfg.emb_dim), np.float32), make_optimizer())
     # The prompt, its gradient (same size) and the optimizer slots; not the step counter.
     state_bytes = 2 * state.prompt.nbytes + sum(
-        x.nbytes for x in jax.tree_util.tree_leaves(state.opt_state))
+        x.nbytes for x in jax.tree_util.tree_leaves(state.opt_state)
+    )
     results["memory_weights"] = weights
     results["memory_prompt_state"] = [state_bytes, plan.prompt_state]
 
@@ -272,29 +326,58 @@ def _check_memory(results: dict) -> None:
     # on XLA:CPU too); the optimizer update adds nothing that scales with the batch.
     batch, inputs, targets, prompt_length = 8, 48, 16, 8
     mesh = make_mesh(*MEMORY_MESH)
-    abstract_batch = {key: jax.ShapeDtypeStruct((batch, length), jnp.int32) for key, length in (
-        ("encoder_input_tokens", inputs), ("decoder_input_tokens", targets),
-        ("decoder_target_tokens", targets))}
+    abstract_batch = {
+        key: jax.ShapeDtypeStruct((batch, length), jnp.int32)
+        for key, length in (
+            ("encoder_input_tokens", inputs),
+            ("decoder_input_tokens", targets),
+            ("decoder_target_tokens", targets),
+        )
+    }
     activations = {}
     for policy in ("none", "full"):
-        deep = T5Config(vocab_size=1024, emb_dim=64, num_heads=8, head_dim=16, mlp_dim=256,
-                        num_encoder_layers=3, num_decoder_layers=3, dtype="float32",
-                        scan_layers=True, remat_policy=policy)
+        deep = T5Config(
+            vocab_size=1024,
+            emb_dim=64,
+            num_heads=8,
+            head_dim=16,
+            mlp_dim=256,
+            num_encoder_layers=3,
+            num_decoder_layers=3,
+            dtype="float32",
+            scan_layers=True,
+            remat_policy=policy,
+        )
         shardings = param_shardings(deep, mesh)
         abstract_params = jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            param_shapes(deep), shardings)
+            param_shapes(deep),
+            shardings,
+        )
 
         def grad(prompt, params, batch, deep=deep):
             loss = lambda p: prompt_loss(p, deep, params, batch, LossConfig(enable_dropout=False))
             return jax.grad(lambda p: loss(p)[0])(prompt)
 
-        compiled = partition(
-            grad, mesh, (replicated(mesh), shardings, batch_sharding(mesh)), replicated(mesh)
-        ).lower(jax.ShapeDtypeStruct((prompt_length, 64), jnp.float32), abstract_params,
-                abstract_batch).compile()
-        plan = memory_plan(deep, MEMORY_MESH, batch_size=batch, input_length=inputs,
-                           target_length=targets, prompt_length=prompt_length)
+        compiled = (
+            partition(
+                grad, mesh, (replicated(mesh), shardings, batch_sharding(mesh)), replicated(mesh)
+            )
+            .lower(
+                jax.ShapeDtypeStruct((prompt_length, 64), jnp.float32),
+                abstract_params,
+                abstract_batch,
+            )
+            .compile()
+        )
+        plan = memory_plan(
+            deep,
+            MEMORY_MESH,
+            batch_size=batch,
+            input_length=inputs,
+            target_length=targets,
+            prompt_length=prompt_length,
+        )
         activations[policy] = [compiled.memory_analysis().temp_size_in_bytes, plan.activations]
     results["memory_activations"] = activations
 
@@ -314,11 +397,20 @@ def run_checks(out_file: str, workdir: str) -> None:
 
 def start_subprocesses(workdir: Path) -> list[subprocess.Popen]:
     """The 8-device run (conftest starts it right after collection)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+    }
     with (workdir / "log.txt").open("w") as log:
-        return [subprocess.Popen([sys.executable, __file__, str(workdir / "results.json"),
-                                  str(workdir)], env=env, stdout=log, stderr=subprocess.STDOUT)]
+        return [
+            subprocess.Popen(
+                [sys.executable, __file__, str(workdir / "results.json"), str(workdir)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +436,9 @@ def test_meshes_train_like_one_device(results, mesh):
 
 
 def test_partitioned_eval_matches_one_device(results):
-    np.testing.assert_allclose(results["eval_loss"], results["one_device"]["eval_loss"],
-                               rtol=LOSS_RTOL)
+    np.testing.assert_allclose(
+        results["eval_loss"], results["one_device"]["eval_loss"], rtol=LOSS_RTOL
+    )
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
@@ -385,7 +478,10 @@ def test_data_only_mesh_replicates_params(results):
 def test_scanned_fsdp_specs(results):
     params = results["2x4_fsdp_scan_remat_full"]["params"]  # embed over data, leading layers
     assert params["encoder/layers/attention/query/kernel"] == {
-        "spec": [None, "data", "model"], "shard_shape": [1, 8, 4], "num_devices": DEVICES}
+        "spec": [None, "data", "model"],
+        "shard_shape": [1, 8, 4],
+        "num_devices": DEVICES,
+    }
     assert params["decoder/layers/mlp/wo/kernel"]["spec"] == [None, "model", "data"]
     assert params["token_embedder/embedding"]["spec"] == ["model", "data"]
     assert params["token_embedder/embedding"]["shard_shape"] == [64, 8]

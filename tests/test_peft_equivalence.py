@@ -30,9 +30,17 @@ VOCAB_SIZE = 100
 def make_hf_model(feed_forward_proj: str, tied: bool):
     """A random tiny HF T5: T5 1.1 (gated GELU, separate lm_head) or original T5 (ReLU, tied)."""
     config = transformers.T5Config(
-        vocab_size=VOCAB_SIZE, d_model=16, d_kv=4, num_heads=4, d_ff=24, num_layers=2,
-        feed_forward_proj=feed_forward_proj, tie_word_embeddings=tied, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0,
+        vocab_size=VOCAB_SIZE,
+        d_model=16,
+        d_kv=4,
+        num_heads=4,
+        d_ff=24,
+        num_layers=2,
+        feed_forward_proj=feed_forward_proj,
+        tie_word_embeddings=tied,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(config).eval()
@@ -64,10 +72,12 @@ def peft_loss_and_grad(model, prompt: np.ndarray, batch) -> tuple[float, np.ndar
     assert table.shape == (2 * PROMPT_LENGTH, 16)  # the seq2seq decoder half, unused
     with torch.no_grad():
         table[:PROMPT_LENGTH] = torch.tensor(prompt)
-    inputs, targets = (torch.from_numpy(batch[k]) for k in
-                       ("encoder_input_tokens", "decoder_target_tokens"))
+    inputs, targets = (
+        torch.from_numpy(batch[k]) for k in ("encoder_input_tokens", "decoder_target_tokens")
+    )
     output = peft_model(
-        input_ids=inputs, attention_mask=(inputs > 0).long(),
+        input_ids=inputs,
+        attention_mask=(inputs > 0).long(),
         decoder_input_ids=torch.from_numpy(batch["decoder_input_tokens"]),
         labels=torch.where(targets > 0, targets, -100),
     )

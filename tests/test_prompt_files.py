@@ -83,8 +83,14 @@ def base_model():
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     config = transformers.T5Config(
-        vocab_size=64, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        num_heads=4,
+        d_ff=32,
+        num_layers=2,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
     )
     torch.manual_seed(0)
     return lambda: transformers.T5ForConditionalGeneration(config)
@@ -96,8 +102,9 @@ class TestRealPeft:
     def test_peft_save_loads_here(self, base_model, tmp_path):
         from peft import PromptTuningConfig, TaskType, get_peft_model
 
-        model = get_peft_model(base_model(), PromptTuningConfig(
-            task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=5))
+        model = get_peft_model(
+            base_model(), PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=5)
+        )
         model.save_pretrained(tmp_path)
         weight = model.prompt_encoder["default"].embedding.weight.detach().numpy()
         assert weight.shape == (10, 16)

@@ -58,8 +58,9 @@ def test_sampled_vocab_uses_frequent_regular_tokens(table_params):
     np.testing.assert_array_equal(
         prompt, init_prompt("sampled_vocab", 50, params=table_params, seed=1)
     )
-    assert row_ids(init_prompt("sampled_vocab", 50, params=table_params, seed=2),
-                   table_params) != ids
+    assert (
+        row_ids(init_prompt("sampled_vocab", 50, params=table_params, seed=2), table_params) != ids
+    )
 
 
 def test_sampled_vocab_skips_sentinels_of_a_small_vocab(table_params):
@@ -74,8 +75,9 @@ def test_sampled_vocab_skips_sentinels_of_a_small_vocab(table_params):
 def test_class_labels_average_sentencepiece_pieces(table_params, t5_vocab):
     assert t5_vocab.encode("False") == [10747, 7, 15] and t5_vocab.encode("True") == [10998]
     table = np.asarray(table_params["token_embedder"]["embedding"])
-    prompt = init_prompt("class_labels", 6, params=table_params, vocab=t5_vocab,
-                         labels=["False", "True"], seed=0)
+    prompt = init_prompt(
+        "class_labels", 6, params=table_params, vocab=t5_vocab, labels=["False", "True"], seed=0
+    )
     np.testing.assert_allclose(prompt[0], table[[10747, 7, 15]].mean(0), rtol=1e-6)
     np.testing.assert_array_equal(prompt[1], table[10998])
     # The other slots are the sampled-vocab prompt of the same seed.
@@ -91,7 +93,7 @@ def test_text_init_truncates_and_fills(table_params, t5_vocab):
     long = init_prompt("text", len(ids) + 4, params=table_params, vocab=t5_vocab, text=text)
     found = row_ids(long, table_params)
     assert found[: len(ids)] == ids  # no EOS (id 1) after the text
-    assert all(3 <= i < 5000 for i in found[len(ids):])
+    assert all(3 <= i < 5000 for i in found[len(ids) :])
 
 
 def test_file_init_checks_the_shape(table_params, tmp_path):
@@ -116,8 +118,13 @@ def test_hard_prompt_equals_soft_prompt_at_step_0(tiny, t5_vocab):
     """A `text` prompt gives the logits of the same tokens typed in front of the input."""
     cfg, params = tiny
     text_ids = t5_vocab.encode("Is this review positive or negative?")
-    prompt = init_prompt("text", len(text_ids), params=params, vocab=t5_vocab,
-                         text="Is this review positive or negative?")
+    prompt = init_prompt(
+        "text",
+        len(text_ids),
+        params=params,
+        vocab=t5_vocab,
+        text="Is this review positive or negative?",
+    )
     texts = ["A great film.", "Dull and far too long, sadly"]
     inputs = np.zeros((2, 12), np.int32)  # EOS-terminated, padded: the first example has 7 pads
     for row, ids in zip(inputs, [t5_vocab.encode(t) + [1] for t in texts]):
@@ -133,7 +140,8 @@ def test_hard_prompt_equals_soft_prompt_at_step_0(tiny, t5_vocab):
     # ... so the logits agree up to float32 roundoff (XLA fuses the two graphs differently).
     soft = prompted_logits(cfg, params, prompt, jnp.asarray(inputs), decoder)
     hard = jax.jit(lambda x, y: model.apply({"params": params}, x, y, enable_dropout=False))(
-        typed, decoder)
+        typed, decoder
+    )
     np.testing.assert_allclose(soft, hard, rtol=1e-5, atol=1e-5 * float(jnp.abs(hard).max()))
 
 
@@ -185,8 +193,14 @@ def test_prompt_dropout_setting(tiny, prompt_dropout):
         "decoder_input_tokens": jnp.array([[0, 5, 7]]),
         "decoder_target_tokens": jnp.array([[5, 7, 1]]),
     }
-    _, grad = sp.prompt_loss_and_grad(cfg, params, prompt, batch, enable_dropout=True,
-                                      dropout_rng=jax.random.PRNGKey(1),
-                                      prompt_dropout=prompt_dropout)
+    _, grad = sp.prompt_loss_and_grad(
+        cfg,
+        params,
+        prompt,
+        batch,
+        enable_dropout=True,
+        dropout_rng=jax.random.PRNGKey(1),
+        prompt_dropout=prompt_dropout,
+    )
     zero_features = (np.asarray(grad) == 0).all(axis=0)
     assert zero_features.any() == prompt_dropout

@@ -44,8 +44,20 @@ def bucket(tmp_path, monkeypatch):
         touched.append(path)
         return original(path.replace(BUCKET, str(root), 1), *args, **kwargs)
 
-    operations = ("open", "exists", "isdir", "listdir", "glob", "makedirs", "mkdir", "remove",
-                  "rename", "replace", "rmtree", "stat")
+    operations = (
+        "open",
+        "exists",
+        "isdir",
+        "listdir",
+        "glob",
+        "makedirs",
+        "mkdir",
+        "remove",
+        "rename",
+        "replace",
+        "rmtree",
+        "stat",
+    )
     with epath_testing.mock_epath(**dict.fromkeys(operations, served_locally)):
         yield root, touched
     assert not (tmp_path / "gs:").exists(), "a gs:// path was used as a local path"

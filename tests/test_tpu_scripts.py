@@ -25,12 +25,37 @@ COMMANDS = ["create", "delete", "fetch", "install", "launch", "stop"]
 TPU = ["compute", "tpus", "tpu-vm"]
 ZONE = "--zone=us-central2-b"
 # Every setting the scripts read: cleared from the test environment so defaults apply.
-SETTINGS = {"TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "TPU_VERSION", "REMOTE_DIR",
-            "VENV", "LOG_DIR", "PYTHON", "DRY_RUN", "CREATE_FLAGS", "REPO_URL", "REPO_REF",
-            "JAX_PACKAGE", "MODEL_DIR", "GIN_FILES", "RUN_NAME", "MULTIHOST", "REMOTE_ENV",
-            "STOP_PATTERN", "GRACE_SECONDS", "DEST", "FETCH_LOGS", "STORAGE_CP"}
-DEFAULT_GIN = ["--gin_file=models/t5_1_1_xxl.gin", "--gin_file=prompts/class_labels.gin",
-               "--gin_file=runs/prompt_finetune.gin"]
+SETTINGS = {
+    "TPU_NAME",
+    "ZONE",
+    "PROJECT",
+    "ACCELERATOR_TYPE",
+    "TPU_VERSION",
+    "REMOTE_DIR",
+    "VENV",
+    "LOG_DIR",
+    "PYTHON",
+    "DRY_RUN",
+    "CREATE_FLAGS",
+    "REPO_URL",
+    "REPO_REF",
+    "JAX_PACKAGE",
+    "MODEL_DIR",
+    "GIN_FILES",
+    "RUN_NAME",
+    "MULTIHOST",
+    "REMOTE_ENV",
+    "STOP_PATTERN",
+    "GRACE_SECONDS",
+    "DEST",
+    "FETCH_LOGS",
+    "STORAGE_CP",
+}
+DEFAULT_GIN = [
+    "--gin_file=models/t5_1_1_xxl.gin",
+    "--gin_file=prompts/class_labels.gin",
+    "--gin_file=runs/prompt_finetune.gin",
+]
 
 FAKE_GCLOUD = f"""#!{sys.executable}
 import json, os, shutil, subprocess, sys
@@ -77,18 +102,30 @@ class FakeCloud:
         _write_tools(root / "worker_bin", FAKE_WORKER_BIN)
         _write_tools(root / "venv_bin", FAKE_VENV_BIN)
 
-    def run(self, script: str, *args: str, workers: bool = False,
-            **settings: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    def run(
+        self, script: str, *args: str, workers: bool = False, **settings: str
+    ) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
         """Run tpu_scripts/<script>.sh; `workers` makes ssh/scp act on the fake home."""
         env = {key: value for key, value in os.environ.items() if key not in SETTINGS}
-        env.update(PATH=f"{self.root / 'bin'}:{os.environ['PATH']}", FAKE_LOG=str(self.log),
-                   FAKE_BIN=str(self.root / "worker_bin"),
-                   FAKE_VENV_BIN=str(self.root / "venv_bin"), TPU_NAME="pod", **settings)
+        env.update(
+            PATH=f"{self.root / 'bin'}:{os.environ['PATH']}",
+            FAKE_LOG=str(self.log),
+            FAKE_BIN=str(self.root / "worker_bin"),
+            FAKE_VENV_BIN=str(self.root / "venv_bin"),
+            TPU_NAME="pod",
+            **settings,
+        )
         if workers:
             env["FAKE_HOME"] = str(self.home)
         self.log.write_text("")
-        proc = subprocess.run(["bash", str(SCRIPTS / f"{script}.sh"), *args], env=env,
-                              cwd=self.root, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["bash", str(SCRIPTS / f"{script}.sh"), *args],
+            env=env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         calls = [json.loads(line) for line in self.log.read_text().splitlines()]
         return proc, calls
 
@@ -113,19 +150,23 @@ def test_every_script_is_tested():
         assert (SCRIPTS / f"{name}.sh").stat().st_mode & stat.S_IXUSR, f"{name}.sh not executable"
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck is not installed (apt-get install -y shellcheck)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None,
+    reason="shellcheck is not installed (apt-get install -y shellcheck)",
+)
 def test_shellcheck_is_clean():
     scripts = sorted(str(path) for path in SCRIPTS.glob("*.sh"))
-    proc = subprocess.run(["shellcheck", "--external-sources", *scripts], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        ["shellcheck", "--external-sources", *scripts], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("script", [*COMMANDS, "common"])
 def test_bash_syntax(script):
-    proc = subprocess.run(["bash", "-n", str(SCRIPTS / f"{script}.sh")], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["bash", "-n", str(SCRIPTS / f"{script}.sh")], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -140,17 +181,38 @@ def test_help_prints_usage_and_runs_nothing(cloud, script):
 
 
 def test_create(cloud):
-    proc, calls = cloud.run("create", ACCELERATOR_TYPE="v4-32", CREATE_FLAGS="--spot",
-                            PROJECT="my-project")
+    proc, calls = cloud.run(
+        "create", ACCELERATOR_TYPE="v4-32", CREATE_FLAGS="--spot", PROJECT="my-project"
+    )
     assert proc.returncode == 0, proc.stderr
-    assert calls == [["gcloud", *TPU, "create", "pod", "--accelerator-type=v4-32",
-                      "--version=tpu-ubuntu2204-base", "--spot", ZONE, "--project=my-project"]]
+    assert calls == [
+        [
+            "gcloud",
+            *TPU,
+            "create",
+            "pod",
+            "--accelerator-type=v4-32",
+            "--version=tpu-ubuntu2204-base",
+            "--spot",
+            ZONE,
+            "--project=my-project",
+        ]
+    ]
 
 
 def test_create_uses_gcloud_default_project(cloud):
     _, calls = cloud.run("create", TPU_VERSION="v2-alpha-tpuv5-lite", ZONE="us-west4-a")
-    assert calls == [["gcloud", *TPU, "create", "pod", "--accelerator-type=v4-8",
-                      "--version=v2-alpha-tpuv5-lite", "--zone=us-west4-a"]]
+    assert calls == [
+        [
+            "gcloud",
+            *TPU,
+            "create",
+            "pod",
+            "--accelerator-type=v4-8",
+            "--version=v2-alpha-tpuv5-lite",
+            "--zone=us-west4-a",
+        ]
+    ]
 
 
 def test_delete(cloud):
@@ -177,19 +239,28 @@ def test_install_copies_this_checkout_and_pip_installs_on_every_worker(cloud):
     assert (code / "softprompt_jax" / "gin").is_symlink() and not (code / ".git").exists()
     assert not (cloud.home / "softprompt-jax.tar.gz").exists()
     assert (cloud.home / "pip.log").read_text().splitlines() == [
-        "install -q --upgrade pip", "install -q -e softprompt-jax jax[tpu]"]
+        "install -q --upgrade pip",
+        "install -q -e softprompt-jax jax[tpu]",
+    ]
     assert "worker-0: softprompt-jax installed" in proc.stdout
 
 
 def test_install_clones_repo_url(cloud):
-    _, calls = cloud.run("install", REPO_URL="https://example.com/sp.git", REPO_REF="v0.1",
-                         JAX_PACKAGE="jax[tpu]==0.10.2", VENV="venvs/sp")
+    _, calls = cloud.run(
+        "install",
+        REPO_URL="https://example.com/sp.git",
+        REPO_REF="v0.1",
+        JAX_PACKAGE="jax[tpu]==0.10.2",
+        VENV="venvs/sp",
+    )
     (ssh,) = calls
     command = _remote_command(ssh)
     assert ssh == _ssh_all(command)
-    assert command.startswith("set -e; rm -rf softprompt-jax && git clone -q "
-                              "https://example.com/sp.git softprompt-jax && "
-                              "git -C softprompt-jax checkout -q v0.1\n")
+    assert command.startswith(
+        "set -e; rm -rf softprompt-jax && git clone -q "
+        "https://example.com/sp.git softprompt-jax && "
+        "git -C softprompt-jax checkout -q v0.1\n"
+    )
     assert "venvs/sp/bin/pip install -q -e softprompt-jax jax\\[tpu\\]==0.10.2" in command
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
 
@@ -204,9 +275,14 @@ def test_install_refuses_paths_outside_home(cloud, remote_dir):
 def test_launch_starts_train_in_background_on_every_worker(cloud):
     _write_tools(cloud.home / "softprompt-venv" / "bin", FAKE_VENV_BIN)
     proc, calls = cloud.run(
-        "launch", "--gin.MESH_MODEL=8", "--gin.MIXTURE_OR_TASK_NAME='taskless_super_glue_rte'",
-        workers=True, MODEL_DIR="gs://bucket/runs/rte", REMOTE_ENV="RUN_TAG=a-b",
-        FAKE_LSOF_PIDS="")
+        "launch",
+        "--gin.MESH_MODEL=8",
+        "--gin.MIXTURE_OR_TASK_NAME='taskless_super_glue_rte'",
+        workers=True,
+        MODEL_DIR="gs://bucket/runs/rte",
+        REMOTE_ENV="RUN_TAG=a-b",
+        FAKE_LSOF_PIDS="",
+    )
     assert proc.returncode == 0, proc.stderr
     (ssh,) = calls
     assert ssh == _ssh_all(_remote_command(ssh))
@@ -218,14 +294,24 @@ def test_launch_starts_train_in_background_on_every_worker(cloud):
         time.sleep(0.1)
     # The argv the (fake) softprompt-jax received on the worker, gin quotes intact.
     assert log.read_text().splitlines() == [
-        "train", "--multihost", *DEFAULT_GIN, "--gin.MODEL_DIR='gs://bucket/runs/rte'",
-        "--gin.MESH_MODEL=8", "--gin.MIXTURE_OR_TASK_NAME='taskless_super_glue_rte'",
-        "REMOTE_ENV_SEEN=a-b"]
+        "train",
+        "--multihost",
+        *DEFAULT_GIN,
+        "--gin.MODEL_DIR='gs://bucket/runs/rte'",
+        "--gin.MESH_MODEL=8",
+        "--gin.MIXTURE_OR_TASK_NAME='taskless_super_glue_rte'",
+        "REMOTE_ENV_SEEN=a-b",
+    ]
 
 
 def test_launch_refuses_when_the_tpu_is_held(cloud):
-    proc, _ = cloud.run("launch", workers=True, MODEL_DIR="gs://bucket/run", MULTIHOST="0",
-                        FAKE_LSOF_PIDS="4242 4243")
+    proc, _ = cloud.run(
+        "launch",
+        workers=True,
+        MODEL_DIR="gs://bucket/run",
+        MULTIHOST="0",
+        FAKE_LSOF_PIDS="4242 4243",
+    )
     assert proc.returncode == 1
     assert "worker-0: processes 4242 4243 hold the TPU; stop.sh ends them" in proc.stderr
     assert not (cloud.home / "softprompt-logs").exists()
@@ -244,9 +330,14 @@ def test_stop_kills_by_pattern_and_tpu_holders_and_removes_lock(cloud):
     command = _remote_command(ssh)
     assert ssh == _ssh_all(command)
     pattern, quoted = "[s]oftprompt[-_]jax", r"\[s\]oftprompt\[-_\]jax"
-    for step in (f"pkill -TERM -f {quoted}", "$(seq 3)", f"pkill -KILL -f {quoted}",
-                 "sudo lsof -t -w /dev/accel* /dev/vfio/*",
-                 "sudo kill -9 $holders", "sudo rm -f /tmp/libtpu_lockfile"):
+    for step in (
+        f"pkill -TERM -f {quoted}",
+        "$(seq 3)",
+        f"pkill -KILL -f {quoted}",
+        "sudo lsof -t -w /dev/accel* /dev/vfio/*",
+        "sudo kill -9 $holders",
+        "sudo rm -f /tmp/libtpu_lockfile",
+    ):
         assert step in command
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
     # pkill -f matches full command lines: the runs, but not the shell carrying this command.
@@ -262,12 +353,14 @@ def test_fetch_uploads_worker_logs_then_copies_the_run(cloud):
     command = _remote_command(ssh)
     assert ssh == _ssh_all(command)
     assert command.startswith(
-        "gcloud storage cp softprompt-logs/rte.*.log gs://bucket/runs/rte/logs/ ||")
+        "gcloud storage cp softprompt-logs/rte.*.log gs://bucket/runs/rte/logs/ ||"
+    )
     assert copy == ["gcloud", "storage", "cp", "-r", "gs://bucket/runs/rte", "out/"]
     assert (cloud.root / "out").is_dir()
 
 
 def test_fetch_with_gsutil_and_without_logs(cloud):
-    _, calls = cloud.run("fetch", MODEL_DIR="gs://bucket/run", FETCH_LOGS="0",
-                         STORAGE_CP="gsutil -m cp")
+    _, calls = cloud.run(
+        "fetch", MODEL_DIR="gs://bucket/run", FETCH_LOGS="0", STORAGE_CP="gsutil -m cp"
+    )
     assert calls == [["gsutil", "-m", "cp", "-r", "gs://bucket/run", "results/"]]

@@ -24,8 +24,13 @@ from softprompt_jax.train.step import (
 # Small vocabulary, wide enough to learn, one layer per stack (fast to compile);
 # float32 compute unless a test says otherwise.
 CFG = get_config("t5_1_1_tiny").replace(
-    vocab_size=128, emb_dim=64, num_heads=2, head_dim=32, mlp_dim=128,
-    num_encoder_layers=1, num_decoder_layers=1,
+    vocab_size=128,
+    emb_dim=64,
+    num_heads=2,
+    head_dim=32,
+    mlp_dim=128,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
 )
 TARGET = [7, 42, 19, 1]  # a fixed answer the frozen random model cannot know
 STEPS = 150
@@ -102,9 +107,13 @@ def opt_state_shapes(state) -> set[tuple[int, ...]]:
 def test_optimizer_given_the_whole_tree_moves_only_the_prompt():
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-    tree = {"prompt": normal(6, 16),
-            "params": {"token_embedder": {"embedding": normal(128, 16)},
-                       "decoder": {"logits_dense": {"kernel": normal(16, 128)}}}}
+    tree = {
+        "prompt": normal(6, 16),
+        "params": {
+            "token_embedder": {"embedding": normal(128, 16)},
+            "decoder": {"logits_dense": {"kernel": normal(16, 128)}},
+        },
+    }
     grads = jax.tree.map(lambda x: normal(*x.shape), tree)  # frozen leaves get gradients too
     optimizer = make_optimizer()
     state = optimizer.init(tree)
@@ -131,24 +140,29 @@ def test_loss_definitions():
 
     mean_ce = (token_ce * weights).sum() / weights.sum()  # Hugging Face's definition
     np.testing.assert_allclose(loss(normalization="mean_tokens"), mean_ce, rtol=1e-6)
-    np.testing.assert_allclose(loss(z_loss=1e-4),  # T5X: token sum plus z-loss
-                               ((token_ce + 1e-4 * log_z**2) * weights).sum(), rtol=1e-6)
+    np.testing.assert_allclose(
+        loss(z_loss=1e-4),  # T5X: token sum plus z-loss
+        ((token_ce + 1e-4 * log_z**2) * weights).sum(),
+        rtol=1e-6,
+    )
     # Label smoothing: T5X's soft one-hot targets, minus their entropy.
     vocab, smooth = logits.shape[-1], 0.1
     soft = np.full(logits.shape, smooth / (vocab - 1))
     np.put_along_axis(soft, np.asarray(targets)[..., None], 1 - smooth, axis=-1)
     entropy = -(1 - smooth) * np.log(1 - smooth) - smooth * np.log(smooth / (vocab - 1))
     smoothed_ce = -(soft * jax.nn.log_softmax(logits)).sum(-1) - entropy
-    np.testing.assert_allclose(loss(label_smoothing=smooth), (smoothed_ce * weights).sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        loss(label_smoothing=smooth), (smoothed_ce * weights).sum(), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="loss normalization 'mean'"):
         loss(normalization="mean")
 
 
 def test_loss_weights_default_to_non_padding_and_can_be_given():
     targets = jnp.array([[5, 1, 0], [1, 0, 0]])
-    np.testing.assert_array_equal(loss_weights({"decoder_target_tokens": targets}),
-                                  [[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(
+        loss_weights({"decoder_target_tokens": targets}), [[1, 1, 0], [1, 0, 0]]
+    )
     given = jnp.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
     batch = {"decoder_target_tokens": targets, "decoder_loss_weights": given}
     np.testing.assert_array_equal(loss_weights(batch), given)
@@ -160,9 +174,15 @@ def test_score_batch_and_default_loss_on_a_prompt_bank(params):
     batch = {**make_batch(1), "prompt_ids": jnp.array([1, 0, 0, 1])}
     targets = batch["decoder_target_tokens"]
     scores = sp.score_batch(CFG, params, bank, batch)
-    logits = prompted_logits(CFG, params, bank, batch["encoder_input_tokens"],
-                             batch["decoder_input_tokens"], batch["prompt_ids"],
-                             decoder_target_tokens=targets)
+    logits = prompted_logits(
+        CFG,
+        params,
+        bank,
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch["prompt_ids"],
+        decoder_target_tokens=targets,
+    )
     token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     np.testing.assert_allclose(scores, -jnp.sum(token_ce * (targets > 0), axis=-1), rtol=1e-5)
 
@@ -182,8 +202,11 @@ def test_prompt_only_step_needs_fewer_flops():
     abstract = param_shapes(CFG)
     prompt = jax.ShapeDtypeStruct((8, CFG.emb_dim), jnp.float32)
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    batch = {"encoder_input_tokens": ints(8, 32), "decoder_input_tokens": ints(8, 8),
-             "decoder_target_tokens": ints(8, 8)}
+    batch = {
+        "encoder_input_tokens": ints(8, 32),
+        "decoder_input_tokens": ints(8, 8),
+        "decoder_target_tokens": ints(8, 8),
+    }
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
     optimizer, loss_config = make_optimizer(), LossConfig()
     state = jax.eval_shape(lambda p: init_train_state(p, optimizer), prompt)
@@ -230,6 +253,9 @@ def test_prompt_tuning_learns_and_moves_only_the_prompt(params):
     assert int(state.step) == STEPS and state.prompt.dtype == jnp.float32
     assert not np.allclose(state.prompt, prompt0)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen), before)
-    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state)
-               if jnp.issubdtype(x.dtype, jnp.floating))
+    assert all(
+        x.dtype == jnp.float32
+        for x in jax.tree.leaves(state.opt_state)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    )
     assert opt_state_shapes(state.opt_state) <= {(), (1,), (16, 64)}

@@ -63,9 +63,11 @@ def config_from_hf(hf_config: Mapping, dtype: str = "float32") -> T5Config:
 def _hf_to_t5x_names(cfg: T5Config) -> dict[str, tuple[str, bool]]:
     """Our flat param path -> (HF tensor name, whether to transpose)."""
     names: dict[str, tuple[str, bool]] = {"token_embedder/embedding": ("shared.weight", False)}
-    mlp = ["wi"] if len(cfg.mlp_activations) == 1 else [
-        f"wi_{i}" for i in range(len(cfg.mlp_activations))
-    ]
+    mlp = (
+        ["wi"]
+        if len(cfg.mlp_activations) == 1
+        else [f"wi_{i}" for i in range(len(cfg.mlp_activations))]
+    )
 
     def attention(ours: str, theirs: str) -> None:
         for proj, hf_proj in zip(("query", "key", "value", "out"), "qkvo"):
@@ -84,16 +86,22 @@ def _hf_to_t5x_names(cfg: T5Config) -> dict[str, tuple[str, bool]]:
     for i in range(cfg.num_decoder_layers):
         ours, theirs = f"decoder/layers_{i}", f"decoder.block.{i}.layer"
         names[f"{ours}/pre_self_attention_layer_norm/scale"] = (
-            f"{theirs}.0.layer_norm.weight", False)
+            f"{theirs}.0.layer_norm.weight",
+            False,
+        )
         attention(f"{ours}/self_attention", f"{theirs}.0.SelfAttention")
         names[f"{ours}/pre_cross_attention_layer_norm/scale"] = (
-            f"{theirs}.1.layer_norm.weight", False)
+            f"{theirs}.1.layer_norm.weight",
+            False,
+        )
         attention(f"{ours}/encoder_decoder_attention", f"{theirs}.1.EncDecAttention")
         names[f"{ours}/pre_mlp_layer_norm/scale"] = (f"{theirs}.2.layer_norm.weight", False)
         mlp_block(f"{ours}/mlp", f"{theirs}.2")
     for stack in ("encoder", "decoder"):
         names[f"{stack}/relpos_bias/rel_embedding"] = (
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True)
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            True,
+        )
         names[f"{stack}/{stack}_norm/scale"] = (f"{stack}.final_layer_norm.weight", False)
     if not cfg.logits_via_embedding:
         names["decoder/logits_dense/kernel"] = ("lm_head.weight", True)

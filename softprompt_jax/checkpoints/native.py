@@ -33,8 +33,9 @@ def is_native_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / FORMAT_FILE).is_file()
 
 
-def save_native(path: str | os.PathLike, cfg: T5Config, params: dict, *,
-                overwrite: bool = False) -> Path:
+def save_native(
+    path: str | os.PathLike, cfg: T5Config, params: dict, *, overwrite: bool = False
+) -> Path:
     """Save `(cfg, params)` to `path`; built in a sibling temp dir, renamed into place at the end.
 
     Single-process: every file is written by this process.

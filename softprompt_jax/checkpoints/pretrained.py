@@ -43,8 +43,9 @@ def detect_format(path: str | os.PathLike) -> tuple[str, str]:
     if (local / t5x_legacy.CHECKPOINT_FILE).is_file():
         return T5X, location
     has_config = (local / "config.json").is_file()
-    if has_config and (any(local.glob("*.safetensors"))
-                       or (local / "model.safetensors.index.json").is_file()):
+    if has_config and (
+        any(local.glob("*.safetensors")) or (local / "model.safetensors.index.json").is_file()
+    ):
         return HUGGINGFACE, location
     steps = _t5x_steps(local)
     if steps:
@@ -86,8 +87,9 @@ def load_pretrained(
     return cfg, jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype_name), params)
 
 
-def save_pretrained(path: str | os.PathLike, cfg: T5Config, params: dict, *,
-                    overwrite: bool = False) -> Path:
+def save_pretrained(
+    path: str | os.PathLike, cfg: T5Config, params: dict, *, overwrite: bool = False
+) -> Path:
     """Check `params` against `cfg`, then save both in our own format (orbax + config.json)."""
     check_params(params, cfg, str(path))
     return native.save_native(path, cfg, params, overwrite=overwrite)
@@ -98,8 +100,10 @@ def check_params(params: dict, cfg: T5Config, source: str) -> None:
     flat = flatten_dict(params, sep="/")
     for key, value in flat.items():
         if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise ValueError(f"{source}: parameter {key!r} has dtype {value.dtype}; "
-                             "expected a floating-point array")
+            raise ValueError(
+                f"{source}: parameter {key!r} has dtype {value.dtype}; "
+                "expected a floating-point array"
+            )
     _check_shapes({key: value.shape for key, value in flat.items()}, cfg, source)
 
 
@@ -110,17 +114,23 @@ def _expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
 
 def _check_shapes(shapes: dict[str, tuple[int, ...]], cfg: T5Config, source: str) -> None:
     expected = _expected_shapes(cfg)
-    problems = [
-        f"parameter {key!r} (expected shape {expected[key]}) is missing"
-        for key in sorted(expected.keys() - shapes.keys())
-    ] + [
-        f"unexpected parameter {key!r} with shape {tuple(shapes[key])} (not in the model config)"
-        for key in sorted(shapes.keys() - expected.keys())
-    ] + [
-        f"parameter {key!r} has shape {tuple(shapes[key])}; the model config expects "
-        f"{expected[key]}"
-        for key in sorted(shapes.keys() & expected.keys()) if tuple(shapes[key]) != expected[key]
-    ]
+    problems = (
+        [
+            f"parameter {key!r} (expected shape {expected[key]}) is missing"
+            for key in sorted(expected.keys() - shapes.keys())
+        ]
+        + [
+            f"unexpected parameter {key!r} with shape {tuple(shapes[key])} "
+            "(not in the model config)"
+            for key in sorted(shapes.keys() - expected.keys())
+        ]
+        + [
+            f"parameter {key!r} has shape {tuple(shapes[key])}; the model config expects "
+            f"{expected[key]}"
+            for key in sorted(shapes.keys() & expected.keys())
+            if tuple(shapes[key]) != expected[key]
+        ]
+    )
     if problems:
         if len(problems) > _MAX_REPORTED:
             problems = [*problems[:_MAX_REPORTED], f"... and {len(problems) - _MAX_REPORTED} more"]

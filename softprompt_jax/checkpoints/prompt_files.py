@@ -42,15 +42,14 @@ def save_prompt(prompt: jax.Array | np.ndarray, path: str | Path) -> Path:
         storage.write_npy_atomic(path, array)
         return path
     if array.ndim != 2:
-        raise ValueError(f"{path}: a PEFT adapter holds one [length, emb_dim] prompt, "
-                         f"got shape {array.shape}")
+        raise ValueError(
+            f"{path}: a PEFT adapter holds one [length, emb_dim] prompt, got shape {array.shape}"
+        )
     _save_peft(array, path)
     return path
 
 
-def load_prompt(
-    path: str | Path, expected_shape: tuple[int, ...] | None = None
-) -> jax.Array:
+def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None) -> jax.Array:
     """Read a prompt (`.npy`, official sidecar file or dir, PEFT dir) as float32."""
     path = Path(path)
     if (path / PEFT_CONFIG).is_file():

@@ -46,8 +46,9 @@ def read_config(path: str | os.PathLike, dtype: str = "bfloat16") -> T5Config:
     return config_from_hf(config, dtype=jnp.dtype(dtype).name)
 
 
-def load_sharded(path: str | os.PathLike, cfg: T5Config, shardings: Any,
-                 dtype: str | None = None) -> dict:
+def load_sharded(
+    path: str | os.PathLike, cfg: T5Config, shardings: Any, dtype: str | None = None
+) -> dict:
     """Frozen params as global arrays laid out by `shardings` (from `param_shardings`).
 
     `dtype` defaults to the compute dtype `cfg.dtype`: weights are stored once, as used.
@@ -66,25 +67,30 @@ def load_sharded(path: str | os.PathLike, cfg: T5Config, shardings: Any,
     return place(params, shardings)
 
 
-def _load_t5x(checkpoint: t5x_legacy.T5XCheckpoint, cfg: T5Config, shardings: Any,
-              dtype: jnp.dtype) -> dict:
+def _load_t5x(
+    checkpoint: t5x_legacy.T5XCheckpoint, cfg: T5Config, shardings: Any, dtype: jnp.dtype
+) -> dict:
     """Each device's slice, read from its zarr chunks; shapes checked before any data read."""
     stored = checkpoint.shapes()
     expected = flatten_dict(param_shapes(cfg), sep="/")
     flat_shardings = flatten_dict(shardings, sep="/")
-    readers = {key: _reader(checkpoint, stored, key, tuple(s.shape))
-               for key, s in expected.items()}
+    readers = {key: _reader(checkpoint, stored, key, tuple(s.shape)) for key, s in expected.items()}
     out = {}
     for key, read in readers.items():
         out[tuple(key.split("/"))] = jax.make_array_from_callback(
-            tuple(expected[key].shape), flat_shardings[key],
+            tuple(expected[key].shape),
+            flat_shardings[key],
             _once_per_slice(lambda index, read=read: read(index, dtype)),
         )
     return unflatten_dict(out)
 
 
-def _reader(checkpoint: t5x_legacy.T5XCheckpoint, stored: dict[str, tuple[int, ...]], key: str,
-            shape: tuple[int, ...]) -> Callable[[Index, jnp.dtype], np.ndarray]:
+def _reader(
+    checkpoint: t5x_legacy.T5XCheckpoint,
+    stored: dict[str, tuple[int, ...]],
+    key: str,
+    shape: tuple[int, ...],
+) -> Callable[[Index, jnp.dtype], np.ndarray]:
     """How to read `key` of the model from the checkpoint: directly, stacked or unstacked."""
     source = checkpoint.checkpoint_file
     stack, _, rest = key.partition("/")
@@ -112,13 +118,14 @@ def _reader(checkpoint: t5x_legacy.T5XCheckpoint, stored: dict[str, tuple[int, .
     raise ValueError(f"{source}: parameter {key!r} (expected shape {shape}) is missing")
 
 
-def _check(source: str, key: str, found: tuple[int, ...] | None, expected: tuple[int, ...]
-           ) -> None:
+def _check(source: str, key: str, found: tuple[int, ...] | None, expected: tuple[int, ...]) -> None:
     if found is None:
         raise ValueError(f"{source}: parameter {key!r} (expected shape {expected}) is missing")
     if tuple(found) != tuple(expected):
-        raise ValueError(f"{source}: parameter {key!r} has shape {tuple(found)}; the model "
-                         f"config expects {tuple(expected)}")
+        raise ValueError(
+            f"{source}: parameter {key!r} has shape {tuple(found)}; the model "
+            f"config expects {tuple(expected)}"
+        )
 
 
 def _once_per_slice(read: Callable[[Index], np.ndarray]) -> Callable[[Index], np.ndarray]:
@@ -143,13 +150,15 @@ def _load_native(location: Path, cfg: T5Config, shardings: Any, dtype: jnp.dtype
         shardings_saved = _relayout_shardings(shardings, cfg)
     target = jax.tree_util.tree_map(
         lambda s, sharding: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
-        param_shapes(cfg.replace(scan_layers=saved.scan_layers)), shardings_saved,
+        param_shapes(cfg.replace(scan_layers=saved.scan_layers)),
+        shardings_saved,
     )
     try:
         params = ocp.StandardCheckpointer().restore(location / native.PARAMS_DIR, target)
     except (ValueError, FileNotFoundError) as error:
-        raise ValueError(f"{location / native.PARAMS_DIR}: params do not match the model "
-                         f"config: {error}") from error
+        raise ValueError(
+            f"{location / native.PARAMS_DIR}: params do not match the model config: {error}"
+        ) from error
     return params if convert is None else jax.jit(convert, out_shardings=shardings)(params)
 
 

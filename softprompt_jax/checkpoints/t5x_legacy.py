@@ -61,12 +61,14 @@ class T5XCheckpoint:
         """Read one param, or only `index` of it, optionally cast to `dtype`."""
         return read_array(self.step_dir, self._leaf(key), index, dtype)
 
-    def read_sharded(self, key: str, sharding: jax.sharding.Sharding, dtype: Any = None
-                     ) -> jax.Array:
+    def read_sharded(
+        self, key: str, sharding: jax.sharding.Sharding, dtype: Any = None
+    ) -> jax.Array:
         """Read one param as a global `jax.Array`; each device's shard is read on its own."""
         leaf = self._leaf(key)
         return jax.make_array_from_callback(
-            leaf_shape(self.step_dir, leaf), sharding,
+            leaf_shape(self.step_dir, leaf),
+            sharding,
             lambda index: read_array(self.step_dir, leaf, index, dtype),
         )
 
@@ -153,8 +155,9 @@ def leaf_shape(step_dir: str, leaf: Leaf) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def read_array(step_dir: str, leaf: Leaf, index: Index | None = None, dtype: Any = None
-               ) -> np.ndarray:
+def read_array(
+    step_dir: str, leaf: Leaf, index: Index | None = None, dtype: Any = None
+) -> np.ndarray:
     """Read a leaf, or just `index` of it (only the zarr chunks it touches), cast to `dtype`."""
     if isinstance(leaf, np.ndarray):
         array = leaf if index is None else leaf[index]
@@ -170,13 +173,19 @@ def read_array(step_dir: str, leaf: Leaf, index: Index | None = None, dtype: Any
         return array
     if not jnp.issubdtype(array.dtype, jnp.floating):
         where = "inline array" if isinstance(leaf, np.ndarray) else _location(step_dir, leaf)
-        raise ValueError(f"{step_dir}: {where} is stored as {array.dtype}, not floating point; "
-                         f"refusing to cast it to {dtype} (T5X version 2 stored bf16 as uint16)")
+        raise ValueError(
+            f"{step_dir}: {where} is stored as {array.dtype}, not floating point; "
+            f"refusing to cast it to {dtype} (T5X version 2 stored bf16 as uint16)"
+        )
     return array.astype(jnp.dtype(dtype), copy=False)
 
 
 def save_t5x_checkpoint(
-    model_dir: str | os.PathLike, params: Mapping, step: int, *, dtype: Any = None,
+    model_dir: str | os.PathLike,
+    params: Mapping,
+    step: int,
+    *,
+    dtype: Any = None,
     inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES,
 ) -> str:
     """Write `params` as `model_dir/checkpoint_<step>` in T5X's legacy layout, atomically.
@@ -198,12 +207,18 @@ def save_t5x_checkpoint(
             array = np.asarray(value)
             if dtype is not None:
                 array = array.astype(jnp.dtype(dtype), copy=False)
-            target[key] = (array if array.nbytes <= inline_max_bytes
-                           else _write_zarr(tmp, "target." + ".".join(key), array))
-        state = {"version": 3, "optimizer": {
-            "target": unflatten_dict(target),
-            "state": {"step": np.asarray(step, np.int32)},
-        }}
+            target[key] = (
+                array
+                if array.nbytes <= inline_max_bytes
+                else _write_zarr(tmp, "target." + ".".join(key), array)
+            )
+        state = {
+            "version": 3,
+            "optimizer": {
+                "target": unflatten_dict(target),
+                "state": {"step": np.asarray(step, np.int32)},
+            },
+        }
         with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as file:
             file.write(flax.serialization.msgpack_serialize(state, in_place=True))
         os.rename(tmp, final)
@@ -253,16 +268,19 @@ def _decode_target(tree: dict, file: str, prefix: str = "") -> dict[str, Leaf]:
         elif isinstance(node, dict):
             leaves.update(_decode_target(node, file, f"{key}/"))
         else:
-            raise ValueError(f"{where}: expected an array or a TensorStore spec, "
-                             f"got {type(node).__name__}")
+            raise ValueError(
+                f"{where}: expected an array or a TensorStore spec, got {type(node).__name__}"
+            )
     return leaves
 
 
 def _decode_ext(ext: msgpack.ExtType, where: str) -> np.ndarray:
     """Flax ndarray ext: msgpack `[shape, dtype name, C-order bytes]`."""
     if ext.code not in (_EXT_NDARRAY, _EXT_NPSCALAR):
-        raise ValueError(f"{where}: unsupported msgpack ext type {ext.code} "
-                         f"(expected a flax ndarray, code 1 or 3)")
+        raise ValueError(
+            f"{where}: unsupported msgpack ext type {ext.code} "
+            f"(expected a flax ndarray, code 1 or 3)"
+        )
     try:
         shape, dtype_name, buffer = msgpack.unpackb(ext.data, raw=True)
         dtype = jnp.dtype(dtype_name.decode("ascii"))

@@ -120,9 +120,7 @@ def get_config(name: str) -> T5Config:
     try:
         return NAMED_CONFIGS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model config {name!r}; known: {sorted(NAMED_CONFIGS)}"
-        ) from None
+        raise ValueError(f"unknown model config {name!r}; known: {sorted(NAMED_CONFIGS)}") from None
 
 
 def infer_config_from_shapes(
@@ -133,6 +131,7 @@ def infer_config_from_shapes(
     The head count is not visible in 2-D attention kernels; it is read from the
     relative-position table (`[heads, buckets]`).
     """
+
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
             raise ValueError(f"cannot infer the T5 config: parameter {key!r} is missing")

@@ -45,8 +45,10 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            (x.shape[-1],), jnp.float32,
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            jnp.float32,
         )
         x = x.astype(jnp.float32)
         y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
@@ -64,8 +66,10 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-            (x.shape[-1], self.features), jnp.float32,
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            jnp.float32,
         )
         return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
 
@@ -81,7 +85,8 @@ class Embed(nn.Module):
         self.embedding = self.param(
             "embedding",
             nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
-            (self.num_embeddings, self.features), jnp.float32,
+            (self.num_embeddings, self.features),
+            jnp.float32,
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -93,7 +98,11 @@ class Embed(nn.Module):
 
 
 def relative_position_buckets(
-    query_length: int, key_length: int, *, bidirectional: bool, num_buckets: int,
+    query_length: int,
+    key_length: int,
+    *,
+    bidirectional: bool,
+    num_buckets: int,
     max_distance: int,
 ) -> np.ndarray:
     """T5's bucketing of `key_pos - query_pos` into `[query_length, key_length]` ids.
@@ -134,11 +143,15 @@ class RelativePositionBiases(nn.Module):
                 nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                 ("heads", "relpos_buckets"),
             ),
-            (self.num_heads, self.num_buckets), jnp.float32,
+            (self.num_heads, self.num_buckets),
+            jnp.float32,
         )
         buckets = relative_position_buckets(
-            query_length, key_length, bidirectional=bidirectional,
-            num_buckets=self.num_buckets, max_distance=self.max_distance,
+            query_length,
+            key_length,
+            bidirectional=bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
         )
         bias = jnp.take(table.astype(self.dtype), jnp.asarray(buckets), axis=1)
         return bias[None]  # [1, heads, q, k]
@@ -160,8 +173,13 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array | None, *,
-        deterministic: bool, decode: bool = False,
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array,
+        bias: jax.Array | None,
+        *,
+        deterministic: bool,
+        decode: bool = False,
     ) -> jax.Array:
         joined = self.num_heads * self.head_dim
         dense = functools.partial(Dense, joined, ("embed", "joined_kv"), self.dtype)
@@ -187,8 +205,11 @@ class MultiHeadAttention(nn.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         out = out.reshape(out.shape[:2] + (joined,))
         return Dense(
-            inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype,
-            kernel_init=_attention_init, name="out",
+            inputs_q.shape[-1],
+            ("joined_kv", "embed"),
+            self.dtype,
+            kernel_init=_attention_init,
+            name="out",
         )(out)
 
     def _update_cache(self, key: jax.Array, value: jax.Array, bias: jax.Array | None):
@@ -232,9 +253,11 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         activation_fns = {"gelu": nn.gelu, "relu": nn.relu, "linear": lambda h: h}
-        names = ["wi"] if len(self.activations) == 1 else [
-            f"wi_{i}" for i in range(len(self.activations))
-        ]
+        names = (
+            ["wi"]
+            if len(self.activations) == 1
+            else [f"wi_{i}" for i in range(len(self.activations))]
+        )
         hidden = None
         for name, act in zip(names, self.activations):
             h = activation_fns[act](Dense(self.mlp_dim, ("embed", "mlp"), self.dtype, name=name)(x))
@@ -248,6 +271,9 @@ class MlpBlock(nn.Module):
 
 def attention_block_kwargs(cfg: T5Config) -> dict:
     return dict(
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype,
-        dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
+        num_heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        dtype=cfg.compute_dtype,
+        dropout_rate=cfg.dropout_rate,
+        float32_logits=cfg.float32_attention_logits,
     )

@@ -61,8 +61,9 @@ class DecoderLayer(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, self_bias: jax.Array, encoded: jax.Array,
-                 cross_bias: jax.Array):
+    def __call__(
+        self, x: jax.Array, self_bias: jax.Array, encoded: jax.Array, cross_bias: jax.Array
+    ):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name=name)
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -85,13 +86,19 @@ class DecoderLayer(nn.Module):
         return (x, None) if self.scanned else x
 
 
-def _run_layers(layer_cls: type[nn.Module], num_layers: int, x: jax.Array,
-                *broadcast_args: jax.Array, **layer_kwargs) -> jax.Array:
+def _run_layers(
+    layer_cls: type[nn.Module],
+    num_layers: int,
+    x: jax.Array,
+    *broadcast_args: jax.Array,
+    **layer_kwargs,
+) -> jax.Array:
     """Apply `num_layers` layers, as `layers_N` modules or one scanned `layers` stack."""
     cfg: T5Config = layer_kwargs["config"]
     if cfg.remat_policy != "none":
-        layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
-                             prevent_cse=not cfg.scan_layers)
+        layer_cls = nn.remat(
+            layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+        )
     if cfg.scan_layers:
         stack = nn.scan(
             layer_cls,
@@ -101,9 +108,7 @@ def _run_layers(layer_cls: type[nn.Module], num_layers: int, x: jax.Array,
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(scanned=True, name="layers", **layer_kwargs)(
-            x, *broadcast_args
-        )
+        x, _ = stack(scanned=True, name="layers", **layer_kwargs)(x, *broadcast_args)
         return x
     for i in range(num_layers):
         x = layer_cls(name=f"layers_{i}", **layer_kwargs)(x, *broadcast_args)
@@ -116,15 +121,24 @@ class Encoder(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, embeddings: jax.Array, mask: jax.Array, *, enable_dropout: bool,
-                 undropped_prefix: int = 0):
+    def __call__(
+        self,
+        embeddings: jax.Array,
+        mask: jax.Array,
+        *,
+        enable_dropout: bool,
+        undropped_prefix: int = 0,
+    ):
         """`undropped_prefix` leading positions (a prompt) skip the input dropout."""
         cfg = self.config
         deterministic = not enable_dropout
         length = embeddings.shape[1]
         relpos = RelativePositionBiases(
-            cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-            cfg.num_heads, cfg.compute_dtype, name="relpos_bias",
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+            cfg.num_heads,
+            cfg.compute_dtype,
+            name="relpos_bias",
         )(length, length, bidirectional=True)
         bias = relpos + mask_to_bias(mask, cfg.compute_dtype)
         dropped = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
@@ -136,8 +150,9 @@ class Encoder(nn.Module):
             )
         x = dropped.astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        x = _run_layers(EncoderLayer, cfg.num_encoder_layers, x, bias,
-                        config=cfg, deterministic=deterministic)
+        x = _run_layers(
+            EncoderLayer, cfg.num_encoder_layers, x, bias, config=cfg, deterministic=deterministic
+        )
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="encoder_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -150,8 +165,14 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, encoded: jax.Array, encoder_mask: jax.Array, decoder_input_tokens: jax.Array,
-        decoder_target_tokens: jax.Array | None, *, enable_dropout: bool, decode: bool,
+        self,
+        encoded: jax.Array,
+        encoder_mask: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None,
+        *,
+        enable_dropout: bool,
+        decode: bool,
         max_decode_length: int | None,
     ) -> jax.Array:
         cfg = self.config
@@ -159,8 +180,11 @@ class Decoder(nn.Module):
         length = decoder_input_tokens.shape[1]
         bias_length = max_decode_length if decode and max_decode_length else length
         self_bias = RelativePositionBiases(
-            cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-            cfg.num_heads, cfg.compute_dtype, name="relpos_bias",
+            cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance,
+            cfg.num_heads,
+            cfg.compute_dtype,
+            name="relpos_bias",
         )(bias_length, bias_length, bidirectional=False)
         if not decode:
             causal = jnp.tril(jnp.ones((length, length), bool))
@@ -172,17 +196,24 @@ class Decoder(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         x = self.shared_embedding(decoder_input_tokens)
         x = dropout(x, deterministic=deterministic).astype(cfg.compute_dtype)
-        x = _run_layers(DecoderLayer, cfg.num_decoder_layers, x, self_bias,
-                        encoded.astype(cfg.compute_dtype), cross_bias,
-                        config=cfg, deterministic=deterministic, decode=decode)
+        x = _run_layers(
+            DecoderLayer,
+            cfg.num_decoder_layers,
+            x,
+            self_bias,
+            encoded.astype(cfg.compute_dtype),
+            cross_bias,
+            config=cfg,
+            deterministic=deterministic,
+            decode=decode,
+        )
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="decoder_norm")(x)
         x = dropout(x, deterministic=deterministic)
         if cfg.logits_via_embedding:
             # Tied output embedding, rescaled as T5 and Hugging Face do.
             logits = self.shared_embedding.attend(x) / jnp.sqrt(x.shape[-1])
         else:
-            logits = Dense(cfg.vocab_size, ("embed", "vocab"), jnp.float32,
-                           name="logits_dense")(x)
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), jnp.float32, name="logits_dense")(x)
         return constrain(logits, ("batch", "length", "vocab"))
 
 
@@ -202,9 +233,12 @@ class T5(nn.Module):
         return self.token_embedder(tokens)
 
     def encode(
-        self, encoder_input_tokens: jax.Array | None = None, *,
+        self,
+        encoder_input_tokens: jax.Array | None = None,
+        *,
         encoder_input_embeddings: jax.Array | None = None,
-        encoder_mask: jax.Array | None = None, enable_dropout: bool = True,
+        encoder_mask: jax.Array | None = None,
+        enable_dropout: bool = True,
         undropped_prefix: int = 0,
     ) -> jax.Array:
         """Encode token ids (mask = ids > 0), or embeddings with an explicit mask.
@@ -215,35 +249,57 @@ class T5(nn.Module):
         embeddings, mask = self._encoder_inputs(
             encoder_input_tokens, encoder_input_embeddings, encoder_mask
         )
-        return self.encoder(embeddings, mask, enable_dropout=enable_dropout,
-                            undropped_prefix=undropped_prefix)
+        return self.encoder(
+            embeddings, mask, enable_dropout=enable_dropout, undropped_prefix=undropped_prefix
+        )
 
     def decode(
-        self, encoded: jax.Array, encoder_mask: jax.Array, decoder_input_tokens: jax.Array,
-        decoder_target_tokens: jax.Array | None = None, *, enable_dropout: bool = True,
-        decode: bool = False, max_decode_length: int | None = None,
+        self,
+        encoded: jax.Array,
+        encoder_mask: jax.Array,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        *,
+        enable_dropout: bool = True,
+        decode: bool = False,
+        max_decode_length: int | None = None,
     ) -> jax.Array:
         """Decoder logits `[b, l, vocab]` (float32) given the encoder's output and mask."""
         return self.decoder(
-            encoded, encoder_mask, decoder_input_tokens, decoder_target_tokens,
-            enable_dropout=enable_dropout, decode=decode, max_decode_length=max_decode_length,
+            encoded,
+            encoder_mask,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            enable_dropout=enable_dropout,
+            decode=decode,
+            max_decode_length=max_decode_length,
         )
 
     def __call__(
-        self, encoder_input_tokens: jax.Array | None, decoder_input_tokens: jax.Array,
-        decoder_target_tokens: jax.Array | None = None, *,
+        self,
+        encoder_input_tokens: jax.Array | None,
+        decoder_input_tokens: jax.Array,
+        decoder_target_tokens: jax.Array | None = None,
+        *,
         encoder_input_embeddings: jax.Array | None = None,
-        encoder_mask: jax.Array | None = None, enable_dropout: bool = True,
+        encoder_mask: jax.Array | None = None,
+        enable_dropout: bool = True,
         undropped_prefix: int = 0,
     ) -> jax.Array:
         """Teacher-forced logits `[b, target_len, vocab]`; token 0 is padding."""
         embeddings, mask = self._encoder_inputs(
             encoder_input_tokens, encoder_input_embeddings, encoder_mask
         )
-        encoded = self.encoder(embeddings, mask, enable_dropout=enable_dropout,
-                               undropped_prefix=undropped_prefix)
-        return self.decode(encoded, mask, decoder_input_tokens, decoder_target_tokens,
-                           enable_dropout=enable_dropout)
+        encoded = self.encoder(
+            embeddings, mask, enable_dropout=enable_dropout, undropped_prefix=undropped_prefix
+        )
+        return self.decode(
+            encoded,
+            mask,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            enable_dropout=enable_dropout,
+        )
 
     def _encoder_inputs(self, tokens, embeddings, mask):
         if (tokens is None) == (embeddings is None):
@@ -268,9 +324,7 @@ def init_params(config: T5Config, rng: jax.Array | int = 0) -> dict:
     if isinstance(rng, int):
         rng = jax.random.PRNGKey(rng)
     tokens = jnp.ones((1, 1), jnp.int32)
-    variables = jax.jit(
-        lambda r: T5(config).init(r, tokens, tokens, enable_dropout=False)
-    )(rng)
+    variables = jax.jit(lambda r: T5(config).init(r, tokens, tokens, enable_dropout=False))(rng)
     return nn.meta.unbox(variables["params"])
 
 

@@ -47,9 +47,16 @@ class MemoryPlan:
 
 
 def memory_plan(
-    cfg: T5Config, mesh_shape: tuple[int, int], *, batch_size: int, input_length: int,
-    target_length: int, prompt_length: int = 100, param_dtype: str | None = None,
-    rules: Rules | None = None, optimizer: optax.GradientTransformation | None = None,
+    cfg: T5Config,
+    mesh_shape: tuple[int, int],
+    *,
+    batch_size: int,
+    input_length: int,
+    target_length: int,
+    prompt_length: int = 100,
+    param_dtype: str | None = None,
+    rules: Rules | None = None,
+    optimizer: optax.GradientTransformation | None = None,
 ) -> MemoryPlan:
     """Per-device bytes for `cfg` on a `(data, model)` mesh with this global batch and lengths.
 
@@ -63,7 +70,9 @@ def memory_plan(
     sizes = {DATA: data, MODEL: model}
     return MemoryPlan(
         frozen_weights=_weight_bytes(
-            cfg.replace(remat_policy="none"), tuple(sizes.items()), tuple(rules),
+            cfg.replace(remat_policy="none"),
+            tuple(sizes.items()),
+            tuple(rules),
             jnp.dtype(param_dtype or cfg.dtype).name,
         ),
         prompt_state=_prompt_state_bytes(cfg, prompt_length, optimizer),
@@ -73,9 +82,7 @@ def memory_plan(
     )
 
 
-def memory_table(
-    configs: dict[str, T5Config], mesh_shape: tuple[int, int], **plan_kwargs
-) -> str:
+def memory_table(configs: dict[str, T5Config], mesh_shape: tuple[int, int], **plan_kwargs) -> str:
     """A Markdown table of `memory_plan` (GiB per device) for named configs; for the docs."""
     data, model = mesh_shape
     lines = [
@@ -85,26 +92,30 @@ def memory_table(
     for name, cfg in configs.items():
         plan = memory_plan(cfg, mesh_shape, **plan_kwargs)
         cells = [plan.frozen_weights, plan.prompt_state, plan.activations, plan.total]
-        lines.append(f"| {name} | {data} x {model} | " +
-                     " | ".join(f"{c / 2**30:.3f} GiB" for c in cells) + " |")
+        lines.append(
+            f"| {name} | {data} x {model} | "
+            + " | ".join(f"{c / 2**30:.3f} GiB" for c in cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=64)
-def _weight_bytes(cfg: T5Config, sizes: tuple[tuple[str, int], ...], rules: Rules,
-                  dtype: str) -> int:
+def _weight_bytes(
+    cfg: T5Config, sizes: tuple[tuple[str, int], ...], rules: Rules, dtype: str
+) -> int:
     """Cached: tracing a deep model's init for its shapes and axes takes seconds."""
     shapes = flatten_dict(param_shapes(cfg))
     specs = flatten_dict(param_specs(cfg, dict(sizes), rules))
     itemsize = jnp.dtype(dtype).itemsize
     return sum(
-        math.prod(shapes[key].shape) // _ways(specs[key], dict(sizes)) * itemsize
-        for key in shapes
+        math.prod(shapes[key].shape) // _ways(specs[key], dict(sizes)) * itemsize for key in shapes
     )
 
 
-def _prompt_state_bytes(cfg: T5Config, prompt_length: int,
-                        optimizer: optax.GradientTransformation | None) -> int:
+def _prompt_state_bytes(
+    cfg: T5Config, prompt_length: int, optimizer: optax.GradientTransformation | None
+) -> int:
     """Prompt, its gradient and optimizer slots, all float32 and replicated."""
     if optimizer is None:
         from softprompt_jax.train.optimizer import make_optimizer
@@ -116,16 +127,19 @@ def _prompt_state_bytes(cfg: T5Config, prompt_length: int,
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
 
 
-def _activation_bytes(cfg: T5Config, sizes: dict[str, int], rules: Rules, batch: int,
-                      enc_len: int, dec_len: int) -> int:
+def _activation_bytes(
+    cfg: T5Config, sizes: dict[str, int], rules: Rules, batch: int, enc_len: int, dec_len: int
+) -> int:
     c = jnp.dtype(cfg.dtype).itemsize
     h, k, d, m = cfg.num_heads, cfg.head_dim, cfg.emb_dim, cfg.mlp_dim
 
     def size(names: Sequence[str | None], shape: tuple[int, ...], itemsize: int = c) -> int:
         # XLA pads activation shards, so a non-dividing axis costs the rounded-up slice.
         spec = nn.logical_to_mesh_axes(tuple(names), rules)
-        return math.prod(-(-dim // _ways((entry,), sizes)) for dim, entry in zip(shape, spec)
-                         ) * itemsize
+        return (
+            math.prod(-(-dim // _ways((entry,), sizes)) for dim, entry in zip(shape, spec))
+            * itemsize
+        )
 
     def resid(n: int) -> int:
         return size(_RESID, (batch, n, d))
@@ -141,19 +155,19 @@ def _activation_bytes(cfg: T5Config, sizes: dict[str, int], rules: Rules, batch:
 
     e, t = enc_len, dec_len
     full_enc = 4 * resid(e) + 4 * heads(e) + probs(e, e) + 3 * mlp(e)
-    full_dec = (6 * resid(t) + 6 * heads(t) + 2 * heads(e) + probs(t, t) + probs(t, e)
-                + 3 * mlp(t))
+    full_dec = 6 * resid(t) + 6 * heads(t) + 2 * heads(e) + probs(t, t) + probs(t, e) + 3 * mlp(t)
     kept_enc, kept_dec = {
         "none": (full_enc, full_dec),
-        "save_dots": (3 * resid(e) + 3 * heads(e) + 2 * mlp(e),
-                      5 * resid(t) + 5 * heads(t) + 2 * heads(e) + 2 * mlp(t)),
+        "save_dots": (
+            3 * resid(e) + 3 * heads(e) + 2 * mlp(e),
+            5 * resid(t) + 5 * heads(t) + 2 * heads(e) + 2 * mlp(t),
+        ),
         "full": (resid(e), resid(t)),
     }[cfg.remat_policy]
     # One layer's activations are live again while a rematerialised layer runs backward.
     transient = 0 if cfg.remat_policy == "none" else max(full_enc, full_dec)
     edges = 2 * resid(e) + 2 * size(_LOGITS, (batch, t, cfg.vocab_size), 4)
-    return (cfg.num_encoder_layers * kept_enc + cfg.num_decoder_layers * kept_dec
-            + transient + edges)
+    return cfg.num_encoder_layers * kept_enc + cfg.num_decoder_layers * kept_dec + transient + edges
 
 
 def _ways(spec: Sequence, sizes: dict[str, int]) -> int:

@@ -41,6 +41,8 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
             "use them all (data=-1 fills the data axis) or pass devices= to pick a subset"
         )
     return jax.make_mesh(
-        (data, model), (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto),
+        (data, model),
+        (DATA, MODEL),
+        axis_types=(AxisType.Auto, AxisType.Auto),
         devices=pool[: data * model],
     )

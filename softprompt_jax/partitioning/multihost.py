@@ -23,8 +23,12 @@ COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
 def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None,
-    process_id: int | None = None, *, auto: bool = False, timeout_s: int = 300,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+    timeout_s: int = 300,
 ) -> bool:
     """Start `jax.distributed` from flags, `$JAX_COORDINATOR_ADDRESS`, or (`auto`) the TPU pod.
 
@@ -86,8 +90,9 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     return global_batch_size // shards
 
 
-def global_batch(local_batch: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None
-                 ) -> dict[str, jax.Array]:
+def global_batch(
+    local_batch: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None
+) -> dict[str, jax.Array]:
     """Assemble per-process batches into global arrays split over the data axis."""
     _, shards = data_shard_info(mesh)
     data = mesh.shape["data"]

@@ -20,14 +20,43 @@ _REPLICATED = ("relpos_buckets", "abspos_buckets", "length", "layers", "stack", 
 PROMPT_RULES: Rules = (("prompts", None), ("prompt_length", None))
 
 _BASE: dict[tuple[int, int], Rules] = {
-    (1, 1): (("batch", DATA), ("vocab", MODEL), ("embed", None), ("mlp", MODEL),
-             ("heads", MODEL), ("kv", None), ("joined_kv", MODEL)),
-    (2, 1): (("batch", DATA), ("vocab", MODEL), ("mlp", MODEL), ("heads", MODEL), ("kv", None),
-             ("joined_kv", MODEL), ("embed", MODEL)),
-    (1, 2): (("batch", DATA), ("vocab", MODEL), ("embed", DATA), ("mlp", MODEL),
-             ("heads", MODEL), ("kv", None), ("joined_kv", MODEL)),
-    (2, 2): (("batch", DATA), ("vocab", MODEL), ("mlp", MODEL), ("heads", MODEL), ("kv", None),
-             ("joined_kv", MODEL), ("embed", MODEL), ("embed", DATA)),
+    (1, 1): (
+        ("batch", DATA),
+        ("vocab", MODEL),
+        ("embed", None),
+        ("mlp", MODEL),
+        ("heads", MODEL),
+        ("kv", None),
+        ("joined_kv", MODEL),
+    ),
+    (2, 1): (
+        ("batch", DATA),
+        ("vocab", MODEL),
+        ("mlp", MODEL),
+        ("heads", MODEL),
+        ("kv", None),
+        ("joined_kv", MODEL),
+        ("embed", MODEL),
+    ),
+    (1, 2): (
+        ("batch", DATA),
+        ("vocab", MODEL),
+        ("embed", DATA),
+        ("mlp", MODEL),
+        ("heads", MODEL),
+        ("kv", None),
+        ("joined_kv", MODEL),
+    ),
+    (2, 2): (
+        ("batch", DATA),
+        ("vocab", MODEL),
+        ("mlp", MODEL),
+        ("heads", MODEL),
+        ("kv", None),
+        ("joined_kv", MODEL),
+        ("embed", MODEL),
+        ("embed", DATA),
+    ),
 }
 
 
@@ -48,6 +77,9 @@ def standard_logical_axis_rules(
             "each must be 1 or 2"
         )
     replicated = tuple((name, None) for name in _REPLICATED)
-    return _BASE[key] + replicated + PROMPT_RULES + tuple(
-        (name, axis) for name, axis in additional_rules
+    return (
+        _BASE[key]
+        + replicated
+        + PROMPT_RULES
+        + tuple((name, axis) for name, axis in additional_rules)
     )

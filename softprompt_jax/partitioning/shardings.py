@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def resolve_spec(
-    logical: Sequence[str | None], shape: Sequence[int], axis_sizes: Mapping[str, int],
-    rules: Rules, name: str = "array",
+    logical: Sequence[str | None],
+    shape: Sequence[int],
+    axis_sizes: Mapping[str, int],
+    rules: Rules,
+    name: str = "array",
 ) -> PartitionSpec:
     """Mesh-axis spec for an array with `logical` axis names; non-dividing axes are replicated."""
     if len(logical) != len(shape):
@@ -36,8 +39,15 @@ def resolve_spec(
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         ways = math.prod(axis_sizes[axis] for axis in axes)
         if dim % ways:
-            log.warning("%s: dimension of size %d (shape %s) is not divisible by mesh axis %s "
-                        "of size %d; replicating it", name, dim, tuple(shape), entry, ways)
+            log.warning(
+                "%s: dimension of size %d (shape %s) is not divisible by mesh axis %s "
+                "of size %d; replicating it",
+                name,
+                dim,
+                tuple(shape),
+                entry,
+                ways,
+            )
             entry = None
         entries.append(entry)
     return PartitionSpec(*entries)
@@ -50,14 +60,17 @@ def param_specs(cfg: T5Config, axis_sizes: Mapping[str, int], rules: Rules | Non
         lambda path, names, shape: resolve_spec(
             tuple(names), shape.shape, axis_sizes, rules, name=_path_name(path)
         ),
-        logical_axes(cfg), param_shapes(cfg), is_leaf=lambda x: isinstance(x, PartitionSpec),
+        logical_axes(cfg),
+        param_shapes(cfg),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
 
 def param_shardings(cfg: T5Config, mesh: Mesh, rules: Rules | None = None) -> dict:
     """`NamedSharding` per frozen param: where each device's slice of the model lives."""
     return jax.tree_util.tree_map(
-        lambda spec: NamedSharding(mesh, spec), param_specs(cfg, dict(mesh.shape), rules),
+        lambda spec: NamedSharding(mesh, spec),
+        param_specs(cfg, dict(mesh.shape), rules),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
@@ -95,5 +108,7 @@ def place(tree: Any, shardings: Any) -> Any:
 
     return jax.tree_util.tree_map(
         lambda sharding, subtree: jax.tree_util.tree_map(lambda x: put(sharding, x), subtree),
-        shardings, tree, is_leaf=lambda x: isinstance(x, Sharding),
+        shardings,
+        tree,
+        is_leaf=lambda x: isinstance(x, Sharding),
     )

@@ -22,11 +22,22 @@ from softprompt_jax.partitioning.shardings import batch_sharding, replicated
 class PartitionedFunction:
     """A `jax.jit`-ed function that always traces and runs under its mesh and axis rules."""
 
-    def __init__(self, fn: Callable[..., Any], mesh: Mesh, rules: Rules, in_shardings: Any,
-                 out_shardings: Any, donate_argnums: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        mesh: Mesh,
+        rules: Rules,
+        in_shardings: Any,
+        out_shardings: Any,
+        donate_argnums: Sequence[int] = (),
+    ) -> None:
         self.mesh, self.rules = mesh, rules
-        self._jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                               donate_argnums=tuple(donate_argnums))
+        self._jitted = jax.jit(
+            fn,
+            in_shardings=in_shardings,
+            out_shardings=out_shardings,
+            donate_argnums=tuple(donate_argnums),
+        )
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -44,17 +55,27 @@ class PartitionedFunction:
             return self._jitted.lower(*args)
 
 
-def partition(fn: Callable[..., Any], mesh: Mesh, in_shardings: Any, out_shardings: Any, *,
-              rules: Rules | None = None, donate_argnums: Sequence[int] = ()
-              ) -> PartitionedFunction:
+def partition(
+    fn: Callable[..., Any],
+    mesh: Mesh,
+    in_shardings: Any,
+    out_shardings: Any,
+    *,
+    rules: Rules | None = None,
+    donate_argnums: Sequence[int] = (),
+) -> PartitionedFunction:
     """Jit `fn` with these shardings (trees or prefixes of the arguments) under `mesh`."""
     rules = standard_logical_axis_rules() if rules is None else rules
     return PartitionedFunction(fn, mesh, rules, in_shardings, out_shardings, donate_argnums)
 
 
 def partitioned_train_step(
-    train_step: Callable[..., Any], mesh: Mesh, param_shardings: Any, *,
-    rules: Rules | None = None, donate_state: bool = True,
+    train_step: Callable[..., Any],
+    mesh: Mesh,
+    param_shardings: Any,
+    *,
+    rules: Rules | None = None,
+    donate_state: bool = True,
 ) -> PartitionedFunction:
     """Jit `train_step(state, frozen_params, batch, rng) -> (state, metrics)` for the mesh.
 
@@ -65,9 +86,11 @@ def partitioned_train_step(
     rules = standard_logical_axis_rules() if rules is None else rules
     everywhere = replicated(mesh)
     return partition(
-        train_step, mesh,
+        train_step,
+        mesh,
         in_shardings=(everywhere, param_shardings, batch_sharding(mesh, rules), everywhere),
-        out_shardings=(everywhere, everywhere), rules=rules,
+        out_shardings=(everywhere, everywhere),
+        rules=rules,
         donate_argnums=(0,) if donate_state else (),
     )
 
@@ -79,7 +102,9 @@ def partitioned_eval_step(
     rules = standard_logical_axis_rules() if rules is None else rules
     everywhere = replicated(mesh)
     return partition(
-        eval_step, mesh,
+        eval_step,
+        mesh,
         in_shardings=(everywhere, param_shardings, batch_sharding(mesh, rules)),
-        out_shardings=everywhere, rules=rules,
+        out_shardings=everywhere,
+        rules=rules,
     )

@@ -30,20 +30,31 @@ BEST_FILE = "best.json"
 class TrainCheckpointer:
     """Save and restore `PromptTrainState`s under `model_dir/checkpoints/checkpoint_<step>`."""
 
-    def __init__(self, model_dir: storage.PathLike, *, keep: int = 3,
-                 best_metric: str | None = None, best_mode: str = "max") -> None:
+    def __init__(
+        self,
+        model_dir: storage.PathLike,
+        *,
+        keep: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+    ) -> None:
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         self.model_dir = storage.as_path(model_dir)
         self.best_metric, self.best_mode = best_metric, best_mode
         policies: list[Any] = [checkpoint_managers.LatestN(n=keep)]
         if best_metric:
-            policies.append(checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics[best_metric],
-                reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False,
-            ))
+            policies.append(
+                checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics[best_metric],
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
-            step_prefix="checkpoint", enable_async_checkpointing=False,
+            step_prefix="checkpoint",
+            enable_async_checkpointing=False,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             cleanup_tmp_directories=True,
         )
@@ -62,16 +73,22 @@ class TrainCheckpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    run_info=ocp.args.JsonSave(run_info)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), run_info=ocp.args.JsonSave(run_info)
+            ),
             metrics=metrics if self.best_metric in metrics else None,
         )
         prompt = to_host(state.prompt)  # every process takes part in the gather
         if jax.process_index() == 0:
             write_prompt_sidecar(self.model_dir, step, prompt)
             if self.best_metric in metrics:
-                update_best(self.model_dir, step, self.best_metric, metrics[self.best_metric],
-                            self.best_mode)
+                update_best(
+                    self.model_dir,
+                    step,
+                    self.best_metric,
+                    metrics[self.best_metric],
+                    self.best_mode,
+                )
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """The state (shaped like `abstract_state`) and run info at `step` (default: latest)."""
@@ -82,8 +99,9 @@ class TrainCheckpointer:
             )
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                    run_info=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), run_info=ocp.args.JsonRestore()
+            ),
         )
         return restored["state"], dict(restored["run_info"])
 
@@ -100,8 +118,9 @@ def write_prompt_sidecar(model_dir: storage.PathLike, step: int, prompt: np.ndar
     return str(path)
 
 
-def update_best(model_dir: storage.PathLike, step: int, metric: str, value: float,
-                mode: str = "max") -> None:
+def update_best(
+    model_dir: storage.PathLike, step: int, metric: str, value: float, mode: str = "max"
+) -> None:
     """Record `step` in `best.json` if its `metric` beats the recorded best (`max`/`min`)."""
     best_file = storage.as_path(model_dir) / BEST_FILE
     if best_file.exists():
@@ -109,9 +128,9 @@ def update_best(model_dir: storage.PathLike, step: int, metric: str, value: floa
         better = value > best["value"] if mode == "max" else value < best["value"]
         if not better:
             return
-    storage.write_text_atomic(best_file, json.dumps(
-        {"step": step, "metric": metric, "value": value, "mode": mode}
-    ))
+    storage.write_text_atomic(
+        best_file, json.dumps({"step": step, "metric": metric, "value": value, "mode": mode})
+    )
 
 
 def best_step(model_dir: storage.PathLike) -> int | None:

@@ -14,8 +14,14 @@ import seqio
 
 
 def train_batches(
-    task: str, feature_lengths: Mapping[str, int], batch_size: int, *, seed: int,
-    start_step: int = 0, split: str = "train", shard_info: seqio.ShardInfo | None = None,
+    task: str,
+    feature_lengths: Mapping[str, int],
+    batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    split: str = "train",
+    shard_info: seqio.ShardInfo | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of `batch_size` T5X features (`encoder_input_tokens`, ...) from this data shard.
 

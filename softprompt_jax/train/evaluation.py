@@ -23,8 +23,15 @@ def is_rank_task(task: str) -> bool:
 
 
 def evaluate_prompt(
-    cfg: T5Config, params: Mapping[str, Any], prompt: jax.Array, *, task: str, split: str,
-    feature_lengths: Mapping[str, int], batch_size: int, max_examples: int | None = None,
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array,
+    *,
+    task: str,
+    split: str,
+    feature_lengths: Mapping[str, int],
+    batch_size: int,
+    max_examples: int | None = None,
     decode_length: int | None = None,
 ) -> dict[str, float]:
     """The task's metrics on `split` (at most `max_examples` examples).
@@ -33,15 +40,22 @@ def evaluate_prompt(
     """
     if is_rank_task(task):
         return task_evaluation.evaluate_rank_classification(
-            task, split, inference.make_score_fn(cfg, params, prompt), feature_lengths,
-            batch_size, max_examples=max_examples,
+            task,
+            split,
+            inference.make_score_fn(cfg, params, prompt),
+            feature_lengths,
+            batch_size,
+            max_examples=max_examples,
         )
     examples = task_evaluation.load_examples(task, split, feature_lengths, max_examples)
     if not examples:
         raise ValueError(f"task {task!r} has no examples in split {split!r}")
     vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     predictions = inference.predict_texts(
-        cfg, params, prompt, vocabulary,
+        cfg,
+        params,
+        prompt,
+        vocabulary,
         task_evaluation.t5x_batches(examples, feature_lengths, batch_size),
         max_length=decode_length or feature_lengths["targets"],
     )

@@ -38,8 +38,12 @@ class MetricsWriter:
         """Append one JSON line and the matching TensorBoard scalars."""
         if not self.enabled:
             return
-        record = {"kind": kind, "step": step, "time": time.time(),
-                  **{k: _plain(v) for k, v in values.items()}}
+        record = {
+            "kind": kind,
+            "step": step,
+            "time": time.time(),
+            **{k: _plain(v) for k, v in values.items()},
+        }
         storage.append_text(self.path, json.dumps(record) + "\n")
         if self._summary is not None:
             import tensorflow as tf
@@ -49,8 +53,11 @@ class MetricsWriter:
                     if name not in ("kind", "step", "time") and isinstance(value, float):
                         # `tf.summary.write` with the scalars plugin's metadata is what
                         # `tf.summary.scalar` does, without needing the tensorboard package.
-                        tf.summary.write(f"{kind}/{name}", tf.constant(value, tf.float32),
-                                         metadata=_scalar_metadata())
+                        tf.summary.write(
+                            f"{kind}/{name}",
+                            tf.constant(value, tf.float32),
+                            metadata=_scalar_metadata(),
+                        )
             self._summary.flush()
 
     def console(self, line: str) -> None:

@@ -71,21 +71,37 @@ def prompt_loss(
 ) -> tuple[jax.Array, Metrics]:
     """The scalar loss of a prompt on a T5X feature batch, with metrics (prompt first for grad)."""
     logits = prompted_logits(
-        cfg, params, prompt, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        batch.get("prompt_ids"), decoder_target_tokens=batch["decoder_target_tokens"],
-        enable_dropout=loss_config.enable_dropout, dropout_rng=dropout_rng,
+        cfg,
+        params,
+        prompt,
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        batch.get("prompt_ids"),
+        decoder_target_tokens=batch["decoder_target_tokens"],
+        enable_dropout=loss_config.enable_dropout,
+        dropout_rng=dropout_rng,
         prompt_dropout=loss_config.prompt_dropout,
     )
     return weighted_cross_entropy(
-        logits, batch["decoder_target_tokens"], loss_weights(batch),
-        z_loss=loss_config.z_loss, label_smoothing=loss_config.label_smoothing,
+        logits,
+        batch["decoder_target_tokens"],
+        loss_weights(batch),
+        z_loss=loss_config.z_loss,
+        label_smoothing=loss_config.label_smoothing,
         normalization=loss_config.normalization,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "z_loss", "label_smoothing", "loss_normalization",
-                              "enable_dropout", "prompt_dropout"),
+    jax.jit,
+    static_argnames=(
+        "cfg",
+        "z_loss",
+        "label_smoothing",
+        "loss_normalization",
+        "enable_dropout",
+        "prompt_dropout",
+    ),
 )
 def prompt_loss_and_grad(
     cfg: T5Config,
@@ -106,17 +122,22 @@ def prompt_loss_and_grad(
     `enable_dropout=True` with a `dropout_rng` for `cfg.dropout_rate` dropout
     (`prompt_dropout=False` keeps input dropout off the prompt rows).
     """
-    loss_config = LossConfig(z_loss=z_loss, label_smoothing=label_smoothing,
-                             normalization=loss_normalization, enable_dropout=enable_dropout,
-                             prompt_dropout=prompt_dropout)
+    loss_config = LossConfig(
+        z_loss=z_loss,
+        label_smoothing=label_smoothing,
+        normalization=loss_normalization,
+        enable_dropout=enable_dropout,
+        prompt_dropout=prompt_dropout,
+    )
     (loss, _), grad = jax.value_and_grad(prompt_loss, has_aux=True)(
         prompt, cfg, params, batch, loss_config, dropout_rng
     )
     return loss, grad
 
 
-TrainStep = Callable[[PromptTrainState, Mapping[str, Any], Batch, jax.Array],
-                     tuple[PromptTrainState, Metrics]]
+TrainStep = Callable[
+    [PromptTrainState, Mapping[str, Any], Batch, jax.Array], tuple[PromptTrainState, Metrics]
+]
 
 
 def make_train_step(
@@ -138,7 +159,8 @@ def make_train_step(
         )
         updates, opt_state = optimizer.update(grad, state.opt_state, state.prompt)
         new_state = state.replace(
-            step=state.step + 1, prompt=optax.apply_updates(state.prompt, updates),
+            step=state.step + 1,
+            prompt=optax.apply_updates(state.prompt, updates),
             opt_state=opt_state,
         )
         return new_state, {**metrics, "grad_norm": optax.tree.norm(grad)}
@@ -172,8 +194,13 @@ def score_batch(
     if prompt_ids is None:
         prompt_ids = batch.get("prompt_ids")
     logits = prompted_logits(
-        cfg, params, prompt, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-        prompt_ids, decoder_target_tokens=batch["decoder_target_tokens"],
+        cfg,
+        params,
+        prompt,
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        prompt_ids,
+        decoder_target_tokens=batch["decoder_target_tokens"],
     )
     token_loss, _ = token_cross_entropy(logits, batch["decoder_target_tokens"])
     return -jnp.sum(token_loss * loss_weights(batch), axis=-1)

@@ -62,9 +62,14 @@ class TrainResult:
     eval_metrics: dict[str, float]
 
 
-def load_frozen_model(checkpoint_path: str, dtype: str, dropout_rate: float | None,
-                      overrides: Mapping[str, Any] | None, mesh: Mesh,
-                      rules: Rules | None = None) -> tuple[T5Config, dict]:
+def load_frozen_model(
+    checkpoint_path: str,
+    dtype: str,
+    dropout_rate: float | None,
+    overrides: Mapping[str, Any] | None,
+    mesh: Mesh,
+    rules: Rules | None = None,
+) -> tuple[T5Config, dict]:
     """The frozen model in its compute dtype, each device holding only its slice.
 
     Run-time settings (dropout, scan, remat) are applied to the checkpoint's config;
@@ -80,8 +85,14 @@ def load_frozen_model(checkpoint_path: str, dtype: str, dropout_rate: float | No
 def make_prompt(spec: PromptSpec, params: dict, task: str) -> jax.Array:
     vocabulary = seqio.get_mixture_or_task(task).output_features["inputs"].vocabulary
     return init_prompt(
-        spec.method, spec.length, params=params, vocab=vocabulary, labels=list(spec.labels),
-        text=spec.text, path=spec.path, seed=spec.seed,
+        spec.method,
+        spec.length,
+        params=params,
+        vocab=vocabulary,
+        labels=list(spec.labels),
+        text=spec.text,
+        path=spec.path,
+        seed=spec.seed,
     )
 
 
@@ -124,28 +135,37 @@ def train(
     standard logical-axis rules; `parameter_partitioning_dims=2` also splits the weights'
     `embed` dimension over `data` (FSDP-like), for when frozen weights dominate memory.
     """
-    for name, value in (("train_steps", train_steps), ("batch_size", batch_size),
-                        ("log_period", log_period), ("eval_period", eval_period),
-                        ("checkpoint_period", checkpoint_period)):
+    for name, value in (
+        ("train_steps", train_steps),
+        ("batch_size", batch_size),
+        ("log_period", log_period),
+        ("eval_period", eval_period),
+        ("checkpoint_period", checkpoint_period),
+    ):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     # Everything that can fail on bad input happens before anything is written.
     mesh = make_mesh(mesh_data, mesh_model)
-    rules = standard_logical_axis_rules(activation_partitioning_dims,
-                                        parameter_partitioning_dims)
-    cfg, params = load_frozen_model(checkpoint_path, dtype, dropout_rate, model_overrides, mesh,
-                                    rules)
+    rules = standard_logical_axis_rules(activation_partitioning_dims, parameter_partitioning_dims)
+    cfg, params = load_frozen_model(
+        checkpoint_path, dtype, dropout_rate, model_overrides, mesh, rules
+    )
     local_batch = local_batch_size(batch_size, mesh)
     tx = make_optimizer(optimizer)
     state = place(init_train_state(make_prompt(prompt, params, task), tx), replicated(mesh))
     model_dir_path = storage.as_path(model_dir)
     model_dir_path.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(model_dir_path, tensorboard=tensorboard)
-    run_info = {"task": task, "seed": seed, "batch_size": batch_size,
-                "feature_lengths": dict(feature_lengths)}
+    run_info = {
+        "task": task,
+        "seed": seed,
+        "batch_size": batch_size,
+        "feature_lengths": dict(feature_lengths),
+    }
 
-    checkpointer = TrainCheckpointer(model_dir_path, keep=keep_checkpoints,
-                                     best_metric=best_metric, best_mode=best_mode)
+    checkpointer = TrainCheckpointer(
+        model_dir_path, keep=keep_checkpoints, best_metric=best_metric, best_mode=best_mode
+    )
     start_step = checkpointer.latest_step() or 0
     if start_step:
         state, saved_info = checkpointer.restore(state, start_step)
@@ -153,15 +173,27 @@ def train(
         writer.console(f"resuming from step {start_step} in {model_dir_path}")
 
     evaluate = lambda prompt_now: evaluate_prompt(
-        cfg, params, prompt_now, task=eval_task or task, split=eval_split,
-        feature_lengths=feature_lengths, batch_size=eval_batch_size or batch_size,
+        cfg,
+        params,
+        prompt_now,
+        task=eval_task or task,
+        split=eval_split,
+        feature_lengths=feature_lengths,
+        batch_size=eval_batch_size or batch_size,
         max_examples=eval_examples,
     )
-    step_fn = partitioned_train_step(make_train_step(cfg, tx, loss), mesh,
-                                     param_shardings(cfg, mesh, rules), rules=rules)
+    step_fn = partitioned_train_step(
+        make_train_step(cfg, tx, loss), mesh, param_shardings(cfg, mesh, rules), rules=rules
+    )
     rng = place(jax.random.PRNGKey(seed), replicated(mesh))
-    batches = train_batches(task, feature_lengths, local_batch, seed=seed,
-                            start_step=start_step, shard_info=seqio_shard_info(mesh))
+    batches = train_batches(
+        task,
+        feature_lengths,
+        local_batch,
+        seed=seed,
+        start_step=start_step,
+        shard_info=seqio_shard_info(mesh),
+    )
     writer.console(
         f"training a {prompt.length}-token prompt on {task}: steps {start_step}->{train_steps}, "
         f"batch {batch_size}, model {cfg.emb_dim}d x {cfg.num_encoder_layers} layers ({dtype}), "
@@ -180,10 +212,13 @@ def train(
             elapsed = time.perf_counter() - window_start
             examples_per_second = window_steps * batch_size / elapsed
             eta = (train_steps - done) * elapsed / window_steps
-            writer.console(f"step {done}/{train_steps}  loss {train_loss:.4f}  "
-                           f"{examples_per_second:.1f} ex/s  ETA {format_eta(eta)}")
-            writer.write("train", done, {"loss": train_loss,
-                                         "examples_per_second": examples_per_second})
+            writer.console(
+                f"step {done}/{train_steps}  loss {train_loss:.4f}  "
+                f"{examples_per_second:.1f} ex/s  ETA {format_eta(eta)}"
+            )
+            writer.write(
+                "train", done, {"loss": train_loss, "examples_per_second": examples_per_second}
+            )
             window_start, window_steps, window_loss = time.perf_counter(), 0, []
         step_metrics = None
         if done % eval_period == 0 or done == train_steps:
@@ -197,8 +232,9 @@ def train(
     if start_step >= train_steps:
         writer.console(f"{model_dir_path} already holds step {start_step} >= {train_steps}")
     checkpointer.close()
-    return TrainResult(max(start_step, train_steps), to_host(state.prompt), train_loss,
-                       eval_metrics)
+    return TrainResult(
+        max(start_step, train_steps), to_host(state.prompt), train_loss, eval_metrics
+    )
 
 
 def _check_resumable(saved: dict, current: dict, model_dir: storage.PathLike) -> None:
@@ -211,5 +247,6 @@ def _check_resumable(saved: dict, current: dict, model_dir: storage.PathLike) ->
 
 
 def _format_metrics(metrics: Mapping[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in sorted(metrics.items()))
+    return "  ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(metrics.items())
+    )
