@@ -45,7 +45,7 @@ def _abstract_inputs(cfg: Any, tx: Any, args: argparse.Namespace) -> tuple:
     import jax.numpy as jnp
 
     from softprompt_jax.model import param_shapes
-    from softprompt_jax.train.step import init_train_state
+    from softprompt_jax.train.train_step import init_train_state
 
     params = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(args.dtype)), param_shapes(cfg)
@@ -72,7 +72,7 @@ def measure(scan_layers: bool, remat: str, args: argparse.Namespace) -> dict:
 
     import softprompt_jax as sp
     from softprompt_jax.train.optimizer import make_optimizer
-    from softprompt_jax.train.step import make_train_step
+    from softprompt_jax.train.train_step import make_train_step
 
     cfg = sp.get_config(f"t5_1_1_{args.size}").replace(
         num_encoder_layers=args.layers,

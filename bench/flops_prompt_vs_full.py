@@ -14,9 +14,10 @@ import time
 import jax
 import jax.numpy as jnp
 
+from softprompt_jax.losses import LossConfig, prompt_loss
 from softprompt_jax.model import get_config, param_shapes
 from softprompt_jax.train.optimizer import make_optimizer
-from softprompt_jax.train.step import LossConfig, init_train_state, make_train_step, prompt_loss
+from softprompt_jax.train.train_step import init_train_state, make_train_step
 
 
 def compiled_flops(fn, *args) -> tuple[float, float]:

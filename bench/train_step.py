@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import softprompt_jax as sp
+from softprompt_jax.losses import LossConfig
 from softprompt_jax.train.optimizer import make_optimizer
-from softprompt_jax.train.step import LossConfig, init_train_state, make_train_step
+from softprompt_jax.train.train_step import init_train_state, make_train_step
 
 PEAK_FLOPS = {"gpu": 989e12, "tpu": 197e12}  # H100 SXM dense bf16; TPU v4 per chip
 OVERRIDES = {

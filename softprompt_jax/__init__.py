@@ -7,8 +7,8 @@ __all__ = ["T5", "T5Config", "get_config", "init_params", "param_shapes"]
 __all__ += ["load_pretrained", "save_pretrained"]
 
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt  # noqa: E402
+from softprompt_jax.losses import prompt_loss_and_grad, score_batch  # noqa: E402
 from softprompt_jax.prompts import PROMPT_AXES, init_prompt, prompted_logits  # noqa: E402
-from softprompt_jax.train.step import prompt_loss_and_grad, score_batch  # noqa: E402
 
 __all__ += [
     "PROMPT_AXES",

@@ -17,14 +17,14 @@ import seqio
 from softprompt_jax import inference, storage
 from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
+from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.tasks import evaluation as task_evaluation
-from softprompt_jax.train.checkpointing import (
+from softprompt_jax.train.metrics_writer import MetricsWriter
+from softprompt_jax.train.state_checkpoints import (
     NUMPY_DIR,
     PROMPT_SIDECAR,
     best_step,
 )
-from softprompt_jax.train.evaluation import evaluate_prompt
-from softprompt_jax.train.metrics_writer import MetricsWriter
 
 
 def _load_model_and_prompt(checkpoint_path: str, prompt_file: str, dtype: str):

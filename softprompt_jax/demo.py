@@ -22,13 +22,12 @@ import jax.numpy as jnp
 import optax
 
 from softprompt_jax.checkpoints.pretrained import load_pretrained, save_pretrained
+from softprompt_jax.losses import LossConfig, loss_weights, weighted_cross_entropy
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.network import T5, init_params
+from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.train.data import train_batches
-from softprompt_jax.train.evaluation import evaluate_prompt
-from softprompt_jax.train.loss import loss_weights, weighted_cross_entropy
 from softprompt_jax.train.optimizer import AdafactorConfig
-from softprompt_jax.train.step import LossConfig
 from softprompt_jax.train.trainer import PromptSpec, train
 
 # A small T5 1.1 over seqio's byte vocabulary (259 ids, padded to a multiple of 128).

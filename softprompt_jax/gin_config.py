@@ -12,15 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gin
-from softprompt_jax import commands
-from softprompt_jax.train import optimizer, step, trainer
+from softprompt_jax import commands, losses
+from softprompt_jax.train import optimizer, trainer
 
 train = gin.external_configurable(trainer.train, name="train")
 evaluate = gin.external_configurable(commands.evaluate, name="evaluate")
 infer = gin.external_configurable(commands.infer, name="infer")
 gin.external_configurable(trainer.PromptSpec, name="PromptSpec")
 gin.external_configurable(optimizer.AdafactorConfig, name="AdafactorConfig")
-gin.external_configurable(step.LossConfig, name="LossConfig")
+gin.external_configurable(losses.LossConfig, name="LossConfig")
 
 
 def gin_dir() -> Path:

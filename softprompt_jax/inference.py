@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from softprompt_jax import decoding
+from softprompt_jax.losses import score_batch
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.network import T5
 from softprompt_jax.prompts import prepend_prompt
-from softprompt_jax.train.step import score_batch
 
 Batch = Mapping[str, np.ndarray]
 

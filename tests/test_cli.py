@@ -16,7 +16,7 @@ import pytest
 
 import softprompt_jax as sp
 from softprompt_jax import cli
-from softprompt_jax.train.checkpointing import NUMPY_DIR, PROMPT_SIDECAR
+from softprompt_jax.train.state_checkpoints import NUMPY_DIR, PROMPT_SIDECAR
 
 TASK = "demo_multitask"  # offline, byte vocabulary
 LENGTHS = "{'inputs': 16, 'targets': 8}"

@@ -98,7 +98,7 @@ def run_worker(process_id: int, port: int, workdir: Path) -> None:
         to_host,
     )
     from softprompt_jax.train.optimizer import make_optimizer
-    from softprompt_jax.train.step import init_train_state, make_train_step
+    from softprompt_jax.train.train_step import init_train_state, make_train_step
 
     start = time.perf_counter()
     assert initialize_distributed(f"localhost:{port}", PROCESSES, process_id, timeout_s=60)
@@ -166,7 +166,7 @@ def _one_device() -> dict:
 
     import softprompt_jax as sp
     from softprompt_jax.train.optimizer import make_optimizer
-    from softprompt_jax.train.step import init_train_state, make_train_step
+    from softprompt_jax.train.train_step import init_train_state, make_train_step
 
     cfg, optimizer = _config(), make_optimizer()
     prompt, batch = _inputs()

@@ -24,6 +24,7 @@ from softprompt_jax.partitioning import (
     resolve_spec,
     standard_logical_axis_rules,
 )
+from softprompt_jax.train.optimizer import make_optimizer
 
 SIZES = {"data": 2, "model": 4}
 
@@ -110,7 +111,13 @@ def test_make_mesh_on_one_device():
 def test_memory_plan_of_xxl_on_a_pod_slice():
     xxl = get_config("t5_1_1_xxl").replace(scan_layers=True)
     plan = memory_plan(
-        xxl, (1, 32), batch_size=32, input_length=512, target_length=8, prompt_length=100
+        xxl,
+        (1, 32),
+        batch_size=32,
+        input_length=512,
+        target_length=8,
+        prompt_length=100,
+        optimizer=make_optimizer(),
     )
     total_params = sum(s.size for s in jax.tree_util.tree_leaves(param_shapes(xxl)))
     assert 11.1e9 < total_params < 11.2e9
@@ -126,6 +133,7 @@ def test_memory_plan_of_xxl_on_a_pod_slice():
         input_length=512,
         target_length=8,
         prompt_length=100,
+        optimizer=make_optimizer(),
         rules=standard_logical_axis_rules(1, 2),
     )
     assert fsdp.frozen_weights < plan.frozen_weights * 1.01  # 8 model x 4 data = 32 ways too
@@ -133,7 +141,7 @@ def test_memory_plan_of_xxl_on_a_pod_slice():
 
 def test_memory_plan_activations_follow_batch_and_remat():
     cfg = get_config("t5_1_1_base").replace(scan_layers=True)  # scanned: quick to trace
-    kwargs = dict(input_length=256, target_length=16, prompt_length=20)
+    kwargs = dict(input_length=256, target_length=16, prompt_length=20, optimizer=make_optimizer())
     small, large = (memory_plan(cfg, (2, 1), batch_size=b, **kwargs).activations for b in (8, 16))
     assert large == 2 * small  # activations are per example
     none, dots, full = (
@@ -152,6 +160,7 @@ def test_memory_table_lists_every_config():
         batch_size=8,
         input_length=128,
         target_length=8,
+        optimizer=make_optimizer(),
     )
     lines = table.splitlines()
     assert lines[0].startswith("| model |") and len(lines) == 3

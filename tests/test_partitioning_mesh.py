@@ -104,7 +104,7 @@ def _check_training(results: dict) -> None:
         standard_logical_axis_rules,
     )
     from softprompt_jax.train.optimizer import make_optimizer
-    from softprompt_jax.train.step import init_train_state, make_eval_step, make_train_step
+    from softprompt_jax.train.train_step import init_train_state, make_eval_step, make_train_step
 
     cfg = _tiny_config()
     params = _params()
@@ -278,6 +278,7 @@ def _check_memory(results: dict) -> None:
     import jax
     import jax.numpy as jnp
 
+    from softprompt_jax.losses import LossConfig, prompt_loss
     from softprompt_jax.model import T5Config, param_shapes
     from softprompt_jax.partitioning import (
         batch_sharding,
@@ -290,7 +291,7 @@ def _check_memory(results: dict) -> None:
         standard_logical_axis_rules,
     )
     from softprompt_jax.train.optimizer import make_optimizer
-    from softprompt_jax.train.step import LossConfig, init_train_state, prompt_loss
+    from softprompt_jax.train.train_step import init_train_state
 
     cfg, params = _tiny_config(), _params()
     weights = {}
@@ -311,6 +312,7 @@ def _check_memory(results: dict) -> None:
             input_length=8,
             target_length=4,
             prompt_length=4,
+            optimizer=make_optimizer(),
             rules=rules,
         )
         weights[name] = [held, plan.frozen_weights]
@@ -377,6 +379,7 @@ def _check_memory(results: dict) -> None:
             input_length=inputs,
             target_length=targets,
             prompt_length=prompt_length,
+            optimizer=make_optimizer(),
         )
         activations[policy] = [compiled.memory_analysis().temp_size_in_bytes, plan.activations]
     results["memory_activations"] = activations

@@ -17,14 +17,14 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 from softprompt_jax import storage
-from softprompt_jax.train.checkpointing import (
+from softprompt_jax.train.metrics_writer import METRICS_FILE, MetricsWriter
+from softprompt_jax.train.state_checkpoints import (
     NUMPY_DIR,
     PROMPT_SIDECAR,
     best_step,
     update_best,
     write_prompt_sidecar,
 )
-from softprompt_jax.train.metrics_writer import METRICS_FILE, MetricsWriter
 
 BUCKET = "gs://bucket"
 

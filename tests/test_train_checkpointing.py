@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softprompt_jax.train.checkpointing import (
+from softprompt_jax.train.optimizer import make_optimizer
+from softprompt_jax.train.state_checkpoints import (
     NUMPY_DIR,
     PROMPT_SIDECAR,
     TrainCheckpointer,
     best_step,
 )
-from softprompt_jax.train.optimizer import make_optimizer
-from softprompt_jax.train.step import init_train_state
+from softprompt_jax.train.train_step import init_train_state
 
 
 def state_at(step: int):

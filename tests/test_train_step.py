@@ -9,17 +9,11 @@ import optax
 import pytest
 
 import softprompt_jax as sp
+from softprompt_jax.losses import LossConfig, loss_weights, prompt_loss, weighted_cross_entropy
 from softprompt_jax.model import get_config, init_params, param_shapes
 from softprompt_jax.prompts import init_prompt, prompted_logits
-from softprompt_jax.train.loss import loss_weights, weighted_cross_entropy
 from softprompt_jax.train.optimizer import AdafactorConfig, make_optimizer
-from softprompt_jax.train.step import (
-    LossConfig,
-    init_train_state,
-    make_eval_step,
-    make_train_step,
-    prompt_loss,
-)
+from softprompt_jax.train.train_step import init_train_state, make_eval_step, make_train_step
 
 # Small vocabulary, wide enough to learn, one layer per stack (fast to compile);
 # float32 compute unless a test says otherwise.

@@ -19,6 +19,12 @@ from softprompt_jax.partitioning.multihost import (
     sync,
     to_host,
 )
+from softprompt_jax.partitioning.partitioned import (
+    PartitionedFunction,
+    partition,
+    partitioned_eval_step,
+    partitioned_train_step,
+)
 from softprompt_jax.partitioning.rules import PROMPT_RULES, Rules, standard_logical_axis_rules
 from softprompt_jax.partitioning.shardings import (
     batch_sharding,
@@ -27,12 +33,6 @@ from softprompt_jax.partitioning.shardings import (
     place,
     replicated,
     resolve_spec,
-)
-from softprompt_jax.partitioning.steps import (
-    PartitionedFunction,
-    partition,
-    partitioned_eval_step,
-    partitioned_train_step,
 )
 
 __all__ = [

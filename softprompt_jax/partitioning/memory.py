@@ -53,15 +53,15 @@ def memory_plan(
     batch_size: int,
     input_length: int,
     target_length: int,
+    optimizer: optax.GradientTransformation,
     prompt_length: int = 100,
     param_dtype: str | None = None,
     rules: Rules | None = None,
-    optimizer: optax.GradientTransformation | None = None,
 ) -> MemoryPlan:
     """Per-device bytes for `cfg` on a `(data, model)` mesh with this global batch and lengths.
 
-    `param_dtype` is the stored frozen-weight dtype (default: the compute dtype `cfg.dtype`);
-    `optimizer` defaults to the paper's Adafactor.
+    `optimizer` is the prompt's (its slots count as prompt state); `param_dtype` is the stored
+    frozen-weight dtype (default: the compute dtype `cfg.dtype`).
     """
     rules = standard_logical_axis_rules() if rules is None else rules
     data, model = mesh_shape
@@ -114,13 +114,9 @@ def _weight_bytes(
 
 
 def _prompt_state_bytes(
-    cfg: T5Config, prompt_length: int, optimizer: optax.GradientTransformation | None
+    cfg: T5Config, prompt_length: int, optimizer: optax.GradientTransformation
 ) -> int:
     """Prompt, its gradient and optimizer slots, all float32 and replicated."""
-    if optimizer is None:
-        from softprompt_jax.train.optimizer import make_optimizer
-
-        optimizer = make_optimizer()
     prompt = jax.ShapeDtypeStruct((prompt_length, cfg.emb_dim), jnp.float32)
     slots = jax.eval_shape(optimizer.init, prompt)
     leaves = [prompt, prompt, *jax.tree_util.tree_leaves(slots)]

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from softprompt_jax import storage
 from softprompt_jax.checkpoints.sharded import load_sharded, read_config
+from softprompt_jax.losses import LossConfig
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.partitioning import (
     Rules,
@@ -33,13 +34,13 @@ from softprompt_jax.partitioning import (
     standard_logical_axis_rules,
     to_host,
 )
+from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.prompts import init_prompt
-from softprompt_jax.train.checkpointing import TrainCheckpointer
 from softprompt_jax.train.data import train_batches
-from softprompt_jax.train.evaluation import evaluate_prompt
 from softprompt_jax.train.metrics_writer import MetricsWriter, format_eta
 from softprompt_jax.train.optimizer import AdafactorConfig, make_optimizer
-from softprompt_jax.train.step import LossConfig, init_train_state, make_train_step
+from softprompt_jax.train.state_checkpoints import TrainCheckpointer
+from softprompt_jax.train.train_step import init_train_state, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)

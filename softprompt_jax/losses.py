@@ -1,28 +1,100 @@
-"""The prompt's loss and gradient, and the jittable train, eval and score steps.
+"""The prompt's loss, gradient and target scores on the frozen model, and the cross-entropy.
 
-The frozen params are always a separate, non-differentiated argument: gradients
-are taken with respect to the prompt (or prompt bank) alone, and the train state
-holds nothing but the prompt, its optimizer slots and the step.
+As T5X keeps `loss_fn` and `score_batch` with its model (`models.py`), apart from the trainer,
+these sit right above the prompted network: training, evaluation and inference all use them.
+
+T5X's token cross-entropy (`t5x/losses.py`) has label smoothing, z-loss and loss weights.
+
+Per target token: `CE = logZ - sum(soft_targets * logits) - smoothing_constant` plus
+`z_loss * logZ**2`, multiplied by `decoder_loss_weights` (0 on padding). The sum
+over tokens is then normalised one of two ways:
+
+- `"sum"`: T5X's default for T5 1.1 (`loss_normalizing_factor=None`), used by the
+  official prompt-tuning runs;
+- `"mean_tokens"`: divided by the number of weighted target tokens, which is
+  Hugging Face's (and PEFT's) mean over non-padding labels.
+
+Autodiff of this loss gives exactly T5X's custom VJP,
+`(1 + 2 * z_loss * logZ) * softmax - soft_targets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 from softprompt_jax.model import T5Config
 from softprompt_jax.prompts import prompted_logits
-from softprompt_jax.train.loss import loss_weights, token_cross_entropy, weighted_cross_entropy
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+NORMALIZATIONS = ("mean_tokens", "sum")
+
+
+def token_cross_entropy(
+    logits: jax.Array, targets: jax.Array, *, z_loss: float = 0.0, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token `(loss, z_loss_term)` `[batch, length]`; `loss` includes the z-loss term."""
+    logits = logits.astype(jnp.float32)
+    vocab_size = logits.shape[-1]
+    confidence = 1.0 - label_smoothing
+    low_confidence = label_smoothing / (vocab_size - 1)
+    # Entropy of the smoothed target distribution, so a perfect model scores 0.
+    normalizing_constant = -(
+        confidence * jnp.log(confidence)
+        + (vocab_size - 1) * low_confidence * jnp.log(low_confidence + 1e-20)
+    )
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # sum(soft_targets * logits) without materialising a one-hot [batch, length, vocab].
+    expected_logit = (confidence - low_confidence) * target_logit
+    if label_smoothing:
+        expected_logit += low_confidence * jnp.sum(logits, axis=-1)
+    z_term = z_loss * jnp.square(log_z)
+    return log_z - expected_logit - normalizing_constant + z_term, z_term
+
+
+def loss_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """`decoder_loss_weights` if the batch has them, else 1 on non-padding targets."""
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"].astype(jnp.float32)
+    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def weighted_cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    normalization: str = "sum",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss and T5X-style metrics (`loss`, `z_loss`, `cross_ent_loss`, ...)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"loss normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+    per_token, z_term = token_cross_entropy(
+        logits, targets, z_loss=z_loss, label_smoothing=label_smoothing
+    )
+    num_tokens = jnp.sum(weights)
+    divisor = jnp.maximum(num_tokens, 1.0) if normalization == "mean_tokens" else 1.0
+    loss = jnp.sum(per_token * weights) / divisor
+    total_z_loss = jnp.sum(z_term * weights) / divisor
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    metrics = {
+        "loss": loss,
+        "z_loss": total_z_loss,
+        "cross_ent_loss": loss - total_z_loss,
+        "num_target_tokens": num_tokens,
+        "accuracy": jnp.sum(correct * weights) / jnp.maximum(num_tokens, 1.0),
+    }
+    return loss, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,24 +113,6 @@ class LossConfig:
     normalization: str = "sum"
     enable_dropout: bool = True
     prompt_dropout: bool = True
-
-
-class PromptTrainState(flax.struct.PyTreeNode):
-    """What training changes: the prompt (or bank), its optimizer state and the step."""
-
-    step: jax.Array
-    prompt: jax.Array
-    opt_state: optax.OptState
-
-
-def init_train_state(
-    prompt: jax.Array, optimizer: optax.GradientTransformation
-) -> PromptTrainState:
-    """A step-0 train state; the prompt and its slots are float32."""
-    prompt = jnp.asarray(prompt, jnp.float32)
-    return PromptTrainState(
-        step=jnp.zeros((), jnp.int32), prompt=prompt, opt_state=optimizer.init(prompt)
-    )
 
 
 def prompt_loss(
@@ -133,53 +187,6 @@ def prompt_loss_and_grad(
         prompt, cfg, params, batch, loss_config, dropout_rng
     )
     return loss, grad
-
-
-TrainStep = Callable[
-    [PromptTrainState, Mapping[str, Any], Batch, jax.Array], tuple[PromptTrainState, Metrics]
-]
-
-
-def make_train_step(
-    cfg: T5Config, optimizer: optax.GradientTransformation, loss_config: LossConfig = LossConfig()
-) -> TrainStep:
-    """`train_step(state, frozen_params, batch, rng) -> (state, metrics)`, ready for `jax.jit`.
-
-    `rng` is the base dropout key; the step folds in `state.step` as T5X does, so
-    the same key may be passed every step. A `prompt_ids` feature in the batch
-    selects a row of a prompt bank per example (mixed-task training).
-    """
-
-    def train_step(
-        state: PromptTrainState, frozen_params: Mapping[str, Any], batch: Batch, rng: jax.Array
-    ) -> tuple[PromptTrainState, Metrics]:
-        dropout_rng = jax.random.fold_in(rng, state.step)
-        (_, metrics), grad = jax.value_and_grad(prompt_loss, has_aux=True)(
-            state.prompt, cfg, frozen_params, batch, loss_config, dropout_rng
-        )
-        updates, opt_state = optimizer.update(grad, state.opt_state, state.prompt)
-        new_state = state.replace(
-            step=state.step + 1,
-            prompt=optax.apply_updates(state.prompt, updates),
-            opt_state=opt_state,
-        )
-        return new_state, {**metrics, "grad_norm": optax.tree.norm(grad)}
-
-    return train_step
-
-
-def make_eval_step(
-    cfg: T5Config, loss_config: LossConfig = LossConfig()
-) -> Callable[[PromptTrainState, Mapping[str, Any], Batch], Metrics]:
-    """`eval_step(state, frozen_params, batch) -> metrics`: the training loss without dropout."""
-    eval_config = dataclasses.replace(loss_config, enable_dropout=False)
-
-    def eval_step(
-        state: PromptTrainState, frozen_params: Mapping[str, Any], batch: Batch
-    ) -> Metrics:
-        return prompt_loss(state.prompt, cfg, frozen_params, batch, eval_config)[1]
-
-    return eval_step
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
