@@ -44,13 +44,16 @@ def evaluate(
     prompt_file: str,
     task: str,
     output_dir: str,
-    feature_lengths: Mapping[str, int],
+    feature_lengths: Mapping[str, int] | None = None,
     split: str = "validation",
     batch_size: int = 32,
     max_examples: int | None = None,
     dtype: str = "bfloat16",
 ) -> dict[str, float]:
-    """The task's metrics for a prompt file on a frozen checkpoint -> `output_dir/metrics.json`."""
+    """The task's metrics for a prompt file on a frozen checkpoint -> `output_dir/metrics.json`.
+
+    `feature_lengths=None` evaluates whole inputs and targets, as T5X does.
+    """
     seqio.get_mixture_or_task(task)  # an unknown task fails before the model loads
     cfg, params, prompt = _load_model_and_prompt(checkpoint_path, prompt_file, dtype)
     metrics = evaluate_prompt(

@@ -28,7 +28,13 @@ from softprompt_jax.model.network import T5, init_params
 from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.train.data import train_batches
 from softprompt_jax.train.optimizer import AdafactorConfig
-from softprompt_jax.train.trainer import PromptSpec, train
+from softprompt_jax.train.trainer import (
+    CheckpointConfig,
+    EvalConfig,
+    LogConfig,
+    PromptSpec,
+    train,
+)
 
 # A small T5 1.1 over seqio's byte vocabulary (259 ids, padded to a multiple of 128).
 DEMO_MODEL = T5Config(
@@ -150,12 +156,14 @@ def run_demo(
         prompt=PromptSpec(method="sampled_vocab", length=prompt_length, seed=seed),
         optimizer=AdafactorConfig(),
         loss=LossConfig(z_loss=1e-4, normalization="sum"),
-        log_period=50,
-        eval_period=tune_steps,
-        eval_examples=eval_examples,
-        eval_batch_size=100,
-        checkpoint_period=tune_steps,
-        tensorboard=False,
+        logging=LogConfig(period=50, tensorboard=False),
+        evaluation=EvalConfig(
+            period=tune_steps,
+            max_examples=eval_examples,
+            batch_size=100,
+            feature_lengths=FEATURE_LENGTHS,
+        ),
+        checkpointing=CheckpointConfig(period=tune_steps),
     )
     after = result.eval_metrics["accuracy"]
     rows = [

@@ -2,7 +2,8 @@
 
 The library itself takes plain arguments and dataclasses; this module only
 registers them with gin under T5X-like names (`train.*`, `evaluate.*`,
-`infer.*`, `PromptSpec.*`, `AdafactorConfig.*`, `LossConfig.*`).
+`infer.*`, `PromptSpec.*`, `AdafactorConfig.*`, `LossConfig.*`, and the trainer's
+`EvalConfig.*`, `CheckpointConfig.*`, `MeshConfig.*`, `LogConfig.*`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ train = gin.external_configurable(trainer.train, name="train")
 evaluate = gin.external_configurable(commands.evaluate, name="evaluate")
 infer = gin.external_configurable(commands.infer, name="infer")
 gin.external_configurable(trainer.PromptSpec, name="PromptSpec")
+gin.external_configurable(trainer.EvalConfig, name="EvalConfig")
+gin.external_configurable(trainer.CheckpointConfig, name="CheckpointConfig")
+gin.external_configurable(trainer.MeshConfig, name="MeshConfig")
+gin.external_configurable(trainer.LogConfig, name="LogConfig")
 gin.external_configurable(optimizer.AdafactorConfig, name="AdafactorConfig")
 gin.external_configurable(losses.LossConfig, name="LossConfig")
 

@@ -7,7 +7,7 @@ instead (rank classification), which never yields an illegal label.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -22,6 +22,11 @@ def is_rank_task(task: str) -> bool:
     return task.endswith("_rank")
 
 
+def full_lengths(examples: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The longest inputs and targets of the examples: T5X's `task_feature_lengths=None`."""
+    return {name: max([len(ex[name]) for ex in examples] + [1]) for name in ("inputs", "targets")}
+
+
 def evaluate_prompt(
     cfg: T5Config,
     params: Mapping[str, Any],
@@ -29,39 +34,36 @@ def evaluate_prompt(
     *,
     task: str,
     split: str,
-    feature_lengths: Mapping[str, int],
+    feature_lengths: Mapping[str, int] | None,
     batch_size: int,
     max_examples: int | None = None,
     decode_length: int | None = None,
 ) -> dict[str, float]:
     """The task's metrics on `split` (at most `max_examples` examples).
 
-    Generation tasks also report `loss_per_token`, the mean target cross-entropy.
+    `feature_lengths=None` scores whole inputs and targets, as T5X evaluates; given lengths
+    truncate like training. Generation tasks also report `loss_per_token`, the mean target
+    cross-entropy, and decode `decode_length` tokens (default: the targets length).
     """
-    if is_rank_task(task):
-        return task_evaluation.evaluate_rank_classification(
-            task,
-            split,
-            inference.make_score_fn(cfg, params, prompt),
-            feature_lengths,
-            batch_size,
-            max_examples=max_examples,
-        )
     examples = task_evaluation.load_examples(task, split, feature_lengths, max_examples)
     if not examples:
         raise ValueError(f"task {task!r} has no examples in split {split!r}")
+    lengths = dict(feature_lengths or full_lengths(examples))
+    score_fn = inference.make_score_fn(cfg, params, prompt)
+    if is_rank_task(task):
+        return task_evaluation.rank_classification_metrics(
+            task, examples, score_fn, lengths, batch_size
+        )
     vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     predictions = inference.predict_texts(
         cfg,
         params,
         prompt,
         vocabulary,
-        task_evaluation.t5x_batches(examples, feature_lengths, batch_size),
-        max_length=decode_length or feature_lengths["targets"],
+        task_evaluation.t5x_batches(examples, lengths, batch_size),
+        max_length=decode_length or lengths["targets"],
     )
     metrics = task_evaluation.evaluate_predictions(task, examples, predictions)
-    scores = task_evaluation.score_examples(
-        examples, inference.make_score_fn(cfg, params, prompt), feature_lengths, batch_size
-    )
-    num_tokens = sum(min(len(ex["targets"]), feature_lengths["targets"]) for ex in examples)
+    scores = task_evaluation.score_examples(examples, score_fn, lengths, batch_size)
+    num_tokens = sum(min(len(ex["targets"]), lengths["targets"]) for ex in examples)
     return {**metrics, "loss_per_token": float(-scores.sum() / max(num_tokens, 1))}

@@ -1,6 +1,8 @@
 """The prompt-tuning loop: load the frozen model, train the prompt, evaluate, checkpoint.
 
-Plain keyword arguments and dataclasses; gin binds them at the command line
+A short loop of train steps plus hooks (`train/hooks.py`) for logging, evaluation and
+checkpointing. Settings are keyword arguments and small dataclasses (`EvalConfig`,
+`CheckpointConfig`, `MeshConfig`, `LogConfig`); gin binds them at the command line
 (`softprompt_jax.gin_config`). Restarting the same command resumes from the
 last finished checkpoint in `model_dir` and reproduces the uninterrupted run.
 """
@@ -8,7 +10,6 @@ last finished checkpoint in `model_dir` and reproduces the uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ from softprompt_jax.partitioning import (
 from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.prompts import init_prompt
 from softprompt_jax.train.data import train_batches
+from softprompt_jax.train.hooks import Hook, Hooks, StepInfo, StepMeter
 from softprompt_jax.train.metrics_writer import MetricsWriter, format_eta
 from softprompt_jax.train.optimizer import AdafactorConfig, make_optimizer
 from softprompt_jax.train.state_checkpoints import TrainCheckpointer
@@ -97,6 +99,50 @@ def make_prompt(spec: PromptSpec, params: dict, task: str) -> jax.Array:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """In-training evaluation. `feature_lengths=None` scores full-length inputs, as T5X does."""
+
+    period: int = 1000
+    task: str | None = None  # None: the training task
+    split: str = "validation"
+    max_examples: int | None = None  # None: the whole split
+    batch_size: int | None = None  # None: the training batch size
+    feature_lengths: Mapping[str, int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """What to keep (T5X's `SaveCheckpointConfig`): the last `keep` steps and the best one."""
+
+    period: int = 1000
+    keep: int = 3
+    best_metric: str | None = None  # an eval metric, e.g. "accuracy"
+    best_mode: str = "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The `(data, model)` device mesh and T5X's standard partitioning rules.
+
+    `data=-1` takes what `model` leaves; `parameter_partitioning_dims=2` also splits the
+    weights' `embed` dimension over `data` (FSDP-like), for when frozen weights dominate.
+    """
+
+    data: int = -1
+    model: int = 1
+    activation_partitioning_dims: int = 1
+    parameter_partitioning_dims: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """How often the loss and throughput reach the console and `metrics.jsonl`."""
+
+    period: int = 100
+    tensorboard: bool = True
+
+
 def train(
     *,
     model_dir: str,
@@ -112,60 +158,51 @@ def train(
     dropout_rate: float | None = None,
     model_overrides: Mapping[str, Any] | None = None,
     seed: int = 0,
-    log_period: int = 100,
-    eval_period: int = 1000,
-    eval_task: str | None = None,
-    eval_split: str = "validation",
-    eval_examples: int | None = None,
-    eval_batch_size: int | None = None,
-    checkpoint_period: int = 1000,
-    keep_checkpoints: int = 3,
-    best_metric: str | None = None,
-    best_mode: str = "max",
-    tensorboard: bool = True,
-    mesh_data: int = -1,
-    mesh_model: int = 1,
-    activation_partitioning_dims: int = 1,
-    parameter_partitioning_dims: int = 1,
+    evaluation: EvalConfig = EvalConfig(),
+    checkpointing: CheckpointConfig = CheckpointConfig(),
+    mesh: MeshConfig = MeshConfig(),
+    logging: LogConfig = LogConfig(),
 ) -> TrainResult:
     """Prompt-tune `task` on the frozen model at `checkpoint_path`; artefacts go to `model_dir`.
 
-    The frozen params are sharded over a `(data, model)` mesh of all devices (`mesh_data=-1`
-    takes what `mesh_model` leaves); the prompt and its optimizer state are replicated and
-    each process feeds its share of every global batch. The partitioning dims pick T5X's
-    standard logical-axis rules; `parameter_partitioning_dims=2` also splits the weights'
-    `embed` dimension over `data` (FSDP-like), for when frozen weights dominate memory.
+    The frozen params are sharded over the device mesh; the prompt and its optimizer state
+    are replicated and each process feeds its share of every global batch. Logging,
+    evaluation and checkpointing run as hooks after every N-th step and after the last.
     """
     for name, value in (
         ("train_steps", train_steps),
         ("batch_size", batch_size),
-        ("log_period", log_period),
-        ("eval_period", eval_period),
-        ("checkpoint_period", checkpoint_period),
+        ("log period", logging.period),
+        ("eval period", evaluation.period),
+        ("checkpoint period", checkpointing.period),
     ):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     # Everything that can fail on bad input happens before anything is written.
-    mesh = make_mesh(mesh_data, mesh_model)
-    rules = standard_logical_axis_rules(activation_partitioning_dims, parameter_partitioning_dims)
-    cfg, params = load_frozen_model(
-        checkpoint_path, dtype, dropout_rate, model_overrides, mesh, rules
+    device_mesh = make_mesh(mesh.data, mesh.model)
+    rules = standard_logical_axis_rules(
+        mesh.activation_partitioning_dims, mesh.parameter_partitioning_dims
     )
-    local_batch = local_batch_size(batch_size, mesh)
+    cfg, params = load_frozen_model(
+        checkpoint_path, dtype, dropout_rate, model_overrides, device_mesh, rules
+    )
+    local_batch = local_batch_size(batch_size, device_mesh)
     tx = make_optimizer(optimizer)
-    state = place(init_train_state(make_prompt(prompt, params, task), tx), replicated(mesh))
+    state = place(init_train_state(make_prompt(prompt, params, task), tx), replicated(device_mesh))
     model_dir_path = storage.as_path(model_dir)
     model_dir_path.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(model_dir_path, tensorboard=tensorboard)
+    writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
     run_info = {
         "task": task,
         "seed": seed,
         "batch_size": batch_size,
         "feature_lengths": dict(feature_lengths),
     }
-
     checkpointer = TrainCheckpointer(
-        model_dir_path, keep=keep_checkpoints, best_metric=best_metric, best_mode=best_mode
+        model_dir_path,
+        keep=checkpointing.keep,
+        best_metric=checkpointing.best_metric,
+        best_mode=checkpointing.best_mode,
     )
     start_step = checkpointer.latest_step() or 0
     if start_step:
@@ -173,69 +210,115 @@ def train(
         _check_resumable(saved_info, run_info, model_dir_path)
         writer.console(f"resuming from step {start_step} in {model_dir_path}")
 
-    evaluate = lambda prompt_now: evaluate_prompt(
-        cfg,
-        params,
-        prompt_now,
-        task=eval_task or task,
-        split=eval_split,
-        feature_lengths=feature_lengths,
-        batch_size=eval_batch_size or batch_size,
-        max_examples=eval_examples,
+    meter = StepMeter()
+    hooks = Hooks()
+    hooks.add(_log_hook(writer, meter, batch_size), every=logging.period)
+    hooks.add(
+        _eval_hook(writer, cfg, params, task, batch_size, evaluation), every=evaluation.period
     )
+    hooks.add(_checkpoint_hook(checkpointer, run_info), every=checkpointing.period)
+
     step_fn = partitioned_train_step(
-        make_train_step(cfg, tx, loss), mesh, param_shardings(cfg, mesh, rules), rules=rules
+        make_train_step(cfg, tx, loss),
+        device_mesh,
+        param_shardings(cfg, device_mesh, rules),
+        rules=rules,
     )
-    rng = place(jax.random.PRNGKey(seed), replicated(mesh))
+    rng = place(jax.random.PRNGKey(seed), replicated(device_mesh))
     batches = train_batches(
         task,
         feature_lengths,
         local_batch,
         seed=seed,
         start_step=start_step,
-        shard_info=seqio_shard_info(mesh),
+        shard_info=seqio_shard_info(device_mesh),
     )
     writer.console(
         f"training a {prompt.length}-token prompt on {task}: steps {start_step}->{train_steps}, "
         f"batch {batch_size}, model {cfg.emb_dim}d x {cfg.num_encoder_layers} layers ({dtype}), "
-        f"mesh data={mesh.shape['data']} x model={mesh.shape['model']}"
+        f"mesh data={device_mesh.shape['data']} x model={device_mesh.shape['model']}"
     )
 
-    train_loss, eval_metrics = None, {}
-    window_start, window_steps, window_loss = time.perf_counter(), 0, []
+    latest: dict[str, Any] = {}  # the latest of what the hooks produced
     for step in range(start_step, train_steps):
-        state, metrics = step_fn(state, params, global_batch(next(batches), mesh, rules), rng)
-        window_steps += 1
-        window_loss.append(metrics["loss"])
-        done = step + 1
-        if done % log_period == 0 or done == train_steps:
-            train_loss = float(np.mean(to_host(window_loss)))
-            elapsed = time.perf_counter() - window_start
-            examples_per_second = window_steps * batch_size / elapsed
-            eta = (train_steps - done) * elapsed / window_steps
-            writer.console(
-                f"step {done}/{train_steps}  loss {train_loss:.4f}  "
-                f"{examples_per_second:.1f} ex/s  ETA {format_eta(eta)}"
-            )
-            writer.write(
-                "train", done, {"loss": train_loss, "examples_per_second": examples_per_second}
-            )
-            window_start, window_steps, window_loss = time.perf_counter(), 0, []
-        step_metrics = None
-        if done % eval_period == 0 or done == train_steps:
-            eval_metrics = evaluate(state.prompt)
-            step_metrics = eval_metrics
-            writer.console(f"eval at step {done}: " + _format_metrics(eval_metrics))
-            writer.write("eval", done, {"split": eval_split, **eval_metrics})
-            window_start = time.perf_counter()  # do not count eval time as training time
-        if done % checkpoint_period == 0 or done == train_steps:
-            checkpointer.save(done, state, run_info, step_metrics)
+        batch = global_batch(next(batches), device_mesh, rules)
+        state, metrics = step_fn(state, params, batch, rng)
+        meter.record(metrics["loss"])
+        if step == start_step:  # the first step compiles: keep it out of throughput and ETA
+            jax.block_until_ready(state)
+            writer.console(f"compiled the train step and ran step {step + 1}")
+            meter.restart_clock()
+        info = StepInfo(step + 1, train_steps, state, results={})
+        with meter.paused():
+            hooks.run(info)
+        latest.update(info.results)
     if start_step >= train_steps:
         writer.console(f"{model_dir_path} already holds step {start_step} >= {train_steps}")
     checkpointer.close()
     return TrainResult(
-        max(start_step, train_steps), to_host(state.prompt), train_loss, eval_metrics
+        max(start_step, train_steps),
+        to_host(state.prompt),
+        latest.get("train_loss"),
+        latest.get("eval_metrics", {}),
     )
+
+
+def _log_hook(writer: MetricsWriter, meter: StepMeter, batch_size: int) -> Hook:
+    """Mean loss, examples/s and ETA since the last log, to the console and metrics.jsonl."""
+
+    def log(info: StepInfo) -> None:
+        loss = meter.mean_loss()
+        values, line = {"loss": loss}, f"step {info.step}/{info.last_step}  loss {loss:.4f}"
+        seconds_per_step = meter.seconds_per_step()
+        if seconds_per_step is not None:
+            values["examples_per_second"] = batch_size / seconds_per_step
+            eta = format_eta((info.last_step - info.step) * seconds_per_step)
+            line += f"  {values['examples_per_second']:.1f} ex/s  ETA {eta}"
+        writer.console(line)
+        writer.write("train", info.step, values)
+        info.results["train_loss"] = loss
+        meter.reset()
+
+    return log
+
+
+def _eval_hook(
+    writer: MetricsWriter,
+    cfg: T5Config,
+    params: dict,
+    task: str,
+    train_batch_size: int,
+    config: EvalConfig,
+) -> Hook:
+    """The task's metrics for the current prompt, left in `info.results["eval_metrics"]`."""
+    eval_task = config.task or task
+
+    def evaluate(info: StepInfo) -> None:
+        writer.console(f"evaluating step {info.step} on {eval_task} {config.split}")
+        metrics = evaluate_prompt(
+            cfg,
+            params,
+            info.state.prompt,
+            task=eval_task,
+            split=config.split,
+            feature_lengths=config.feature_lengths,
+            batch_size=config.batch_size or train_batch_size,
+            max_examples=config.max_examples,
+        )
+        writer.console(f"eval at step {info.step}: " + _format_metrics(metrics))
+        writer.write("eval", info.step, {"split": config.split, **metrics})
+        info.results["eval_metrics"] = metrics
+
+    return evaluate
+
+
+def _checkpoint_hook(checkpointer: TrainCheckpointer, run_info: dict) -> Hook:
+    """Save the state; this step's eval metrics (if it evaluated) decide the best step."""
+
+    def save(info: StepInfo) -> None:
+        checkpointer.save(info.step, info.state, run_info, info.results.get("eval_metrics"))
+
+    return save
 
 
 def _check_resumable(saved: dict, current: dict, model_dir: storage.PathLike) -> None:
