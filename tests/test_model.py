@@ -130,6 +130,24 @@ def test_dropout_only_when_enabled(params):
     assert np.abs(np.asarray(on) - np.asarray(off)).max() > 1e-3
 
 
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_encoder_output_dropout_is_broadcast_over_length_like_flaxformer(params, broadcast):
+    """flaxformer (the official prompt-tuning network) drops the same features at every
+    position after `encoder_norm`; T5X's example network drops elements independently."""
+    cfg = TINY.replace(dropout_rate=0.5, broadcast_encoder_output_dropout=broadcast)
+    encoded = sp.T5(cfg).apply(
+        {"params": params},
+        ENCODER,
+        enable_dropout=True,
+        method=sp.T5.encode,
+        rngs={"dropout": jax.random.PRNGKey(0)},
+    )
+    dropped = np.asarray(encoded) == 0  # [batch, length, embed]
+    assert dropped.any()
+    same_at_every_position = (dropped == dropped[:, :1, :]).all()
+    assert same_at_every_position == broadcast
+
+
 def test_bfloat16_compute_tracks_float32(params):
     reference = sp.T5(TINY).apply({"params": params}, ENCODER, DECODER, enable_dropout=False)
     bf16_params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)

@@ -32,6 +32,10 @@ class T5Config:
     mlp_activations: tuple[str, ...] = ("gelu", "linear")
     logits_via_embedding: bool = False
     dropout_rate: float = 0.0
+    # The dropout after `encoder_norm`: one mask per feature, shared over the length axis, as
+    # in flaxformer's T5 1.1 (the official prompt-tuning code's network); False drops each
+    # element on its own, as T5X's example network does. All other dropouts are broadcast.
+    broadcast_encoder_output_dropout: bool = True
     dtype: str = "bfloat16"
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128

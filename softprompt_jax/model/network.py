@@ -154,7 +154,10 @@ class Encoder(nn.Module):
             EncoderLayer, cfg.num_encoder_layers, x, bias, config=cfg, deterministic=deterministic
         )
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="encoder_norm")(x)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        output_broadcast = (-2,) if cfg.broadcast_encoder_output_dropout else ()
+        return nn.Dropout(cfg.dropout_rate, broadcast_dims=output_broadcast)(
+            x, deterministic=deterministic
+        )
 
 
 class Decoder(nn.Module):
