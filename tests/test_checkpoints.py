@@ -17,8 +17,10 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 import softprompt_jax as sp
-from softprompt_jax.checkpoints import native, t5x_legacy
-from softprompt_jax.checkpoints.pretrained import detect_format
+from softprompt_jax.checkpoints import detect_format, native, open_pretrained, t5x_legacy
+from softprompt_jax.checkpoints.sharded import load_sharded
+from softprompt_jax.model.scan import stack_layers
+from softprompt_jax.partitioning import make_mesh, param_shardings
 
 T5X_TINY = TEST_DATA / "t5x_tiny" / "checkpoint_3"
 QUERY_0 = "encoder/layers_0/attention/query/kernel"
@@ -261,18 +263,6 @@ def test_read_array_reads_only_the_requested_slice(tmp_path, fixture_f32):
     with pytest.raises(ValueError, match="target.token_embedder.embedding"):
         checkpoint.read("token_embedder/embedding")
 
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    kernel = t5x_legacy.open_checkpoint(T5X_TINY).read_sharded(QUERY_0, sharding, jnp.bfloat16)
-    assert kernel.sharding == sharding and kernel.dtype == jnp.bfloat16
-    assert_bit_exact(
-        {"k": kernel},
-        {
-            "k": np.asarray(
-                fixture_f32[1]["encoder"]["layers_0"]["attention"]["query"]["kernel"]
-            ).astype(jnp.bfloat16)
-        },
-    )
-
 
 def test_scanned_config_stacks_t5x_layers(fixture_f32):
     cfg, params = fixture_f32
@@ -305,9 +295,6 @@ def test_save_pretrained_round_trips_bit_exactly(tmp_path, tiny, dtype):
 
 def test_relative_paths_save_and_load(tmp_path, tiny, monkeypatch):
     """Orbax refuses relative paths; ours are made absolute (`softprompt-jax demo` in a cwd)."""
-    from softprompt_jax.checkpoints.sharded import load_sharded
-    from softprompt_jax.partitioning import make_mesh, param_shardings
-
     cfg, params = tiny
     monkeypatch.chdir(tmp_path)
     sp.save_pretrained("models/tiny", cfg, params)
@@ -435,6 +422,14 @@ def test_huggingface_dir_is_detected_and_loaded(tmp_path, tiny):
     assert loaded_cfg == cfg
     assert_bit_exact(loaded, params)
 
+    # A slice of a transposed tensor, and every layer stacked straight into (one-device) shards.
+    query = params["encoder"]["layers_0"]["attention"]["query"]["kernel"]
+    rows = open_pretrained(tmp_path).read(QUERY_0, (slice(1, 3), slice(2, 7)))
+    np.testing.assert_array_equal(rows, query[1:3, 2:7])
+    scanned = cfg.replace(scan_layers=True)
+    sharded = load_sharded(tmp_path, scanned, param_shardings(scanned, make_mesh(1, 1)))
+    assert_bit_exact(sharded, stack_layers(params))
+
 
 # --- (d) bad input --------------------------------------------------------------------------
 
@@ -505,5 +500,5 @@ def test_native_dir_with_wrong_params_is_reported(tmp_path, tiny):
     sp.save_pretrained(tmp_path / "model", cfg, params)
     config_file = tmp_path / "model" / "config.json"
     config_file.write_text(json.dumps(cfg.replace(mlp_dim=32).to_dict()))
-    with pytest.raises(ValueError, match="params do not match .*config.json"):
+    with pytest.raises(ValueError, match="(?s)params: checkpoint does not match.*mlp/wi_0/kernel"):
         sp.load_pretrained(tmp_path / "model")

@@ -1,11 +1,7 @@
 """Checkpoint readers and writers: T5X legacy, Hugging Face safetensors and our own format."""
 
-from softprompt_jax.checkpoints.pretrained import (
-    check_params,
-    detect_format,
-    load_pretrained,
-    save_pretrained,
-)
+from softprompt_jax.checkpoints.pretrained import check_params, load_pretrained, save_pretrained
+from softprompt_jax.checkpoints.reader import detect_format, open_pretrained
 from softprompt_jax.checkpoints.t5x_legacy import (
     T5XCheckpoint,
     load_t5x_checkpoint,
@@ -21,6 +17,7 @@ __all__ = [
     "load_pretrained",
     "load_t5x_checkpoint",
     "open_checkpoint",
+    "open_pretrained",
     "read_array",
     "save_pretrained",
     "save_t5x_checkpoint",

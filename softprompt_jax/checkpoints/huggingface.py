@@ -8,13 +8,13 @@ Covers `t5-*` (ReLU, tied embeddings), `google/t5-v1_1-*`, `t5-*-lm-adapt` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import unflatten_dict
 from safetensors import safe_open
 
 from softprompt_jax.model.config import T5Config
@@ -24,10 +24,6 @@ _TIED_FALLBACKS = {
     "lm_head.weight": "shared.weight",
 }
 _FEED_FORWARD = {"relu": ("relu",), "gated-gelu": ("gelu", "linear")}
-
-
-def is_huggingface_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
 def config_from_hf(hf_config: Mapping, dtype: str = "float32") -> T5Config:
@@ -112,45 +108,72 @@ def params_from_hf_state_dict(
     state_dict: Mapping[str, np.ndarray], cfg: T5Config, *, source: str = "state dict"
 ) -> dict:
     """Convert HF T5 tensors (numpy, jax or anything `np.asarray` takes) to our params tree."""
-    params: dict = {}
+    flat = {}
     for ours, (theirs, transpose) in _hf_to_t5x_names(cfg).items():
-        if theirs not in state_dict:
-            # Tied tensors may be saved once: lm_head and the stacks' copies share `shared`.
-            theirs = _TIED_FALLBACKS.get(theirs, theirs)
+        theirs = _present(theirs, state_dict)
         if theirs not in state_dict:
             raise ValueError(f"{source}: tensor {theirs!r} (for {ours}) is missing")
-        value = state_dict[theirs]
-        value = value.T if transpose else value
-        node = params
-        *parents, leaf = ours.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return params
+        flat[tuple(ours.split("/"))] = state_dict[theirs].T if transpose else state_dict[theirs]
+    return unflatten_dict(flat)
 
 
-def read_safetensors(directory: Path) -> dict:
-    """All tensors of a (possibly sharded) safetensors checkpoint as jax arrays (bf16 kept)."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {directory}")
-    tensors = {}
-    for file in files:
-        with safe_open(str(file), framework="flax") as reader:
-            for name in reader.keys():
-                tensors[name] = reader.get_tensor(name)
-    return tensors
+def _present(name: str, available: Mapping) -> str:
+    """`name`, or the tensor it is tied to when saved once (`lm_head` and stacks share `shared`)."""
+    return name if name in available else _TIED_FALLBACKS.get(name, name)
 
 
-def load_huggingface(path: str | Path, dtype: str = "bfloat16") -> tuple[T5Config, dict]:
-    """Load a HF T5 directory as `(config, params)`; params cast to `dtype`."""
+@dataclasses.dataclass(frozen=True)
+class HuggingFaceCheckpoint:
+    """A Hugging Face T5 dir, read tensor by tensor under T5X names (kernels as `[in, out]`)."""
+
+    directory: Path
+    hf_config: dict
+    # Our '/'-path -> (safetensors file, HF tensor name, whether HF stores it transposed, shape).
+    tensors: dict[str, tuple[Path, str, bool, tuple[int, ...]]]
+
+    @property
+    def source(self) -> str:
+        return str(self.directory)
+
+    def config(self, dtype: str) -> T5Config:
+        return config_from_hf(self.hf_config, dtype=dtype)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: shape[::-1] if t else shape for key, (_, _, t, shape) in self.tensors.items()}
+
+    def dtypes(self) -> dict[str, np.dtype]:
+        # An empty slice reads no data but comes back in the tensor's dtype.
+        empty = lambda shape: tuple(slice(0, 0) for _ in shape)
+        return {key: self.read(key, empty(shape)).dtype for key, shape in self.shapes().items()}
+
+    def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only `index` of one tensor is read (safetensors slices the file)."""
+        file, name, transpose, _ = self.tensors[key]
+        with safe_open(str(file), framework="numpy") as handle:
+            part = handle.get_slice(name)[index[::-1] if transpose else index]
+        return part.T if transpose else part
+
+
+def open_huggingface(path: str | Path) -> HuggingFaceCheckpoint:
+    """Open a HF T5 dir: its config and where each of our params lives (no tensor data read)."""
     directory = Path(path)
     config_file = directory / "config.json"
     try:
         hf_config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read Hugging Face config {config_file}: {error}") from error
-    cfg = config_from_hf(hf_config, dtype=dtype)
-    tensors = read_safetensors(directory)
-    params = params_from_hf_state_dict(tensors, cfg, source=str(directory))
-    return cfg, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {directory}")
+    stored = {}  # HF tensor name -> (file, shape)
+    for file in files:
+        with safe_open(str(file), framework="numpy") as handle:
+            stored.update(
+                {name: (file, handle.get_slice(name).get_shape()) for name in handle.keys()}
+            )
+    tensors = {
+        ours: (stored[name][0], name, transpose, tuple(stored[name][1]))
+        for ours, (theirs, transpose) in _hf_to_t5x_names(config_from_hf(hf_config)).items()
+        if (name := _present(theirs, stored)) in stored
+    }
+    return HuggingFaceCheckpoint(directory, hf_config, tensors)

@@ -4,22 +4,25 @@ Layout of a saved model dir:
     softprompt_jax.json   {"format": "softprompt-jax-pretrained", "version": 1}
     config.json           `T5Config.to_dict()`
     params/               `orbax.checkpoint.StandardCheckpointer` save of the params tree
+                          (OCDBT holding one zarr array per param, read slice by slice)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax.traverse_util import flatten_dict
 
 from softprompt_jax.model.config import T5Config
-from softprompt_jax.model.network import param_shapes
 
 FORMAT_FILE = "softprompt_jax.json"
 FORMAT_NAME = "softprompt-jax-pretrained"
@@ -59,8 +62,46 @@ def save_native(
     return path
 
 
-def load_native(path: str | os.PathLike, dtype: str = "bfloat16") -> tuple[T5Config, dict]:
-    """Load a model dir written by `save_native`; orbax casts each array to `dtype` on read."""
+@dataclasses.dataclass(frozen=True)
+class NativeCheckpoint:
+    """A model dir written by `save_native`: its config and each param's zarr array in OCDBT."""
+
+    path: Path
+    saved_config: T5Config
+    arrays: dict[str, Any]  # '/'-path -> orbax `ArrayMetadata` (name, shape, dtype)
+
+    @property
+    def source(self) -> str:
+        return str(self.path / PARAMS_DIR)
+
+    def config(self, dtype: str) -> T5Config:
+        return self.saved_config.replace(dtype=dtype)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(array.shape) for key, array in self.arrays.items()}
+
+    def dtypes(self) -> dict[str, np.dtype]:
+        return {key: np.dtype(array.dtype) for key, array in self.arrays.items()}
+
+    def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Only the chunks under `index` of one param are read."""
+        spec = {
+            "driver": "zarr",  # what orbax's StandardCheckpointer writes inside its OCDBT store
+            "kvstore": {
+                "driver": "ocdbt",
+                "base": {"driver": "file", "path": self.source + "/"},
+                "path": self.arrays[key].name + "/",
+            },
+        }
+        try:
+            return ts.open(spec, open=True, read=True).result()[index].read().result()
+        except ValueError as error:
+            message = str(error).split(" [tensorstore_spec=")[0]
+            raise ValueError(f"{self.source}: parameter {key!r}: {message}") from error
+
+
+def open_native(path: str | os.PathLike) -> NativeCheckpoint:
+    """Open a model dir written by `save_native`: format marker, config and orbax metadata."""
     path = Path(path).absolute()  # orbax accepts absolute paths only
     marker = _read_json(path / FORMAT_FILE)
     if marker.get("format") != FORMAT_NAME or marker.get("version") != FORMAT_VERSION:
@@ -69,19 +110,9 @@ def load_native(path: str | os.PathLike, dtype: str = "bfloat16") -> tuple[T5Con
             f"{marker.get('version')!r}; this reader knows {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
     cfg = T5Config.from_dict(_read_json(path / CONFIG_FILE))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=device),
-        param_shapes(cfg),
-    )
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore(path / PARAMS_DIR, target)
-    except (ValueError, FileNotFoundError) as error:
-        raise ValueError(
-            f"{path / PARAMS_DIR}: params do not match {path / CONFIG_FILE}: {error}"
-        ) from error
-    return cfg, params
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path / PARAMS_DIR).item_metadata
+    return NativeCheckpoint(path, cfg, flatten_dict(dict(metadata), sep="/"))
 
 
 def _read_json(file: Path) -> dict:

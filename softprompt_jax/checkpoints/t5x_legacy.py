@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.serialization
-import jax
 import jax.numpy as jnp
 import msgpack
 import numpy as np
 import tensorstore as ts
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from softprompt_jax.model.config import T5Config, infer_config_from_shapes
 
 CHECKPOINT_FILE = "checkpoint"
 STEP_DIR_PATTERN = re.compile(r"checkpoint_(\d+)")
@@ -50,27 +51,31 @@ class T5XCheckpoint:
     leaves: dict[str, Leaf]  # flat '/'-path ('encoder/layers_0/...') -> leaf
 
     @property
-    def checkpoint_file(self) -> str:
+    def source(self) -> str:
+        """The msgpack file, as errors name it."""
         return posixpath.join(self.step_dir, CHECKPOINT_FILE)
+
+    def config(self, dtype: str) -> T5Config:
+        """The model config, inferred from the param shapes (T5X stores none)."""
+        try:
+            return infer_config_from_shapes(self.shapes(), dtype=dtype)
+        except ValueError as error:
+            raise ValueError(f"{self.source}: {error}; pass config= explicitly") from error
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every param's shape, from the msgpack (zarr metadata only where the spec lacks it)."""
         return {key: leaf_shape(self.step_dir, leaf) for key, leaf in self.leaves.items()}
 
+    def dtypes(self) -> dict[str, np.dtype]:
+        """Every param's stored dtype, from the msgpack (zarr metadata where the spec lacks it)."""
+        return {key: leaf_dtype(self.step_dir, leaf) for key, leaf in self.leaves.items()}
+
     def read(self, key: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
         """Read one param, or only `index` of it, optionally cast to `dtype`."""
-        return read_array(self.step_dir, self._leaf(key), index, dtype)
-
-    def read_sharded(
-        self, key: str, sharding: jax.sharding.Sharding, dtype: Any = None
-    ) -> jax.Array:
-        """Read one param as a global `jax.Array`; each device's shard is read on its own."""
-        leaf = self._leaf(key)
-        return jax.make_array_from_callback(
-            leaf_shape(self.step_dir, leaf),
-            sharding,
-            lambda index: read_array(self.step_dir, leaf, index, dtype),
-        )
+        try:
+            return read_array(self.step_dir, self._leaf(key), index, dtype)
+        except ValueError as error:
+            raise ValueError(f"{self.source}: parameter {key!r}: {error}") from error
 
     def read_all(self, dtype: Any = None) -> dict:
         """The whole params tree as nested dicts of numpy arrays."""
@@ -79,7 +84,7 @@ class T5XCheckpoint:
 
     def _leaf(self, key: str) -> Leaf:
         if key not in self.leaves:
-            raise KeyError(f"{self.checkpoint_file}: no parameter {key!r} in optimizer/target")
+            raise KeyError(f"{self.source}: no parameter {key!r} in optimizer/target")
         return self.leaves[key]
 
 
@@ -153,6 +158,14 @@ def leaf_shape(step_dir: str, leaf: Leaf) -> tuple[int, ...]:
     if shape is None:
         shape = _open(step_dir, leaf).shape
     return tuple(int(d) for d in shape)
+
+
+def leaf_dtype(step_dir: str, leaf: Leaf) -> np.dtype:
+    """Stored dtype of one leaf without reading its data."""
+    if isinstance(leaf, np.ndarray):
+        return leaf.dtype
+    name = leaf.get("dtype") or (leaf.get("metadata") or {}).get("dtype")
+    return jnp.dtype(name) if name else _open(step_dir, leaf).dtype.numpy_dtype
 
 
 def read_array(
