@@ -24,6 +24,7 @@ from softprompt_jax.partitioning import make_mesh, param_shardings
 
 T5X_TINY = TEST_DATA / "t5x_tiny" / "checkpoint_3"
 QUERY_0 = "encoder/layers_0/attention/query/kernel"
+LOGITS = "decoder/logits_dense/kernel"
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +245,7 @@ def test_gcs_specs_are_built_from_the_step_dir():
             "path": "models/run/checkpoint_3/target.a.kernel/",
         },
         "metadata": {"shape": [4, 4]},
+        "fill_missing_data_reads": False,
     }
     assert detect_format("gs://bucket/models/run/checkpoint_3/checkpoint") == (
         "t5x",
@@ -262,6 +264,27 @@ def test_read_array_reads_only_the_requested_slice(tmp_path, fixture_f32):
     np.testing.assert_array_equal(rows, expected[100:4200])
     with pytest.raises(ValueError, match="target.token_embedder.embedding"):
         checkpoint.read("token_embedder/embedding")
+
+
+@pytest.mark.parametrize("loader", ["whole", "sharded"])
+def test_missing_zarr_chunk_is_an_error_not_zeros(tmp_path, fixture_f32, loader):
+    step_dir = copy_fixture(tmp_path)
+    missing = step_dir / "target.decoder.logits_dense.kernel" / "0.5"  # columns 20480..24575
+    missing.unlink()
+    cfg = fixture_f32[0]
+    load = {
+        "whole": lambda: sp.load_pretrained(step_dir, dtype="float32"),
+        "sharded": lambda: load_sharded(step_dir, cfg, param_shardings(cfg, make_mesh(1, 1))),
+    }[loader]
+    with pytest.raises(ValueError) as error:
+        load()
+    message = str(error.value)
+    assert "'decoder/logits_dense/kernel'" in message and f'{missing}" is missing' in message
+    assert "\n" not in message
+    # Only the chunks a read touches must exist.
+    kernel = fixture_f32[1]["decoder"]["logits_dense"]["kernel"]
+    part = open_pretrained(step_dir).read(LOGITS, (slice(None), slice(0, 20480)))
+    np.testing.assert_array_equal(part, np.asarray(kernel)[:, :20480])
 
 
 def test_scanned_config_stacks_t5x_layers(fixture_f32):

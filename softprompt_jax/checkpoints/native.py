@@ -92,6 +92,7 @@ class NativeCheckpoint:
                 "base": {"driver": "file", "path": self.source + "/"},
                 "path": self.arrays[key].name + "/",
             },
+            "fill_missing_data_reads": False,  # a missing chunk is an error, as orbax has it
         }
         try:
             return ts.open(spec, open=True, read=True).result()[index].read().result()

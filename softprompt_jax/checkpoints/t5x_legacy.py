@@ -119,6 +119,8 @@ def tensorstore_spec(step_dir: str, spec: Mapping) -> dict:
     spec["metadata"] = {
         k: v for k, v in (spec.get("metadata") or {}).items() if k not in ("chunks", "compressor")
     }
+    # T5X writes no fill value: a missing chunk file is a broken copy, never zeros.
+    spec["fill_missing_data_reads"] = False
     return spec
 
 
