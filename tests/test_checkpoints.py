@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import tensorstore as ts
 from conftest import TEST_DATA
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
 import softprompt_jax as sp
 from softprompt_jax.checkpoints import detect_format, native, open_pretrained, t5x_legacy
 from softprompt_jax.checkpoints.sharded import load_sharded
+from softprompt_jax.model import param_dtype
 from softprompt_jax.model.scan import stack_layers
 from softprompt_jax.partitioning import make_mesh, param_shardings
 
@@ -53,6 +54,17 @@ def assert_bit_exact(actual, expected):
         got, want = np.asarray(flat_actual[key]), np.asarray(want)
         assert (got.dtype, got.shape) == (want.dtype, want.shape), key
         assert got.tobytes() == want.tobytes(), key
+
+
+def as_stored(cfg, params, dtype) -> dict:
+    """`params` cast as the loaders store them: the output projection float32, the rest `dtype`."""
+    flat_params = flat(params)
+    return unflatten_dict(
+        {
+            tuple(key.split("/")): np.asarray(value).astype(param_dtype(cfg, key, dtype))
+            for key, value in flat_params.items()
+        }
+    )
 
 
 def copy_fixture(tmp_path) -> Path:
@@ -148,11 +160,41 @@ def test_t5x_fixture_matches_independent_decoders(fixture_f32):
         np.testing.assert_array_equal(np.asarray(value), expected, err_msg=key)
 
 
-def test_t5x_fixture_in_bfloat16(fixture_f32):
+def test_bfloat16_keeps_the_output_projection_float32_as_t5x(tmp_path, fixture_f32):
+    cfg_f32, params_f32 = fixture_f32
     cfg, params = sp.load_pretrained(T5X_TINY)  # default dtype
     assert cfg.dtype == "bfloat16"
-    expected = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jnp.bfloat16), fixture_f32[1])
-    assert_bit_exact(params, expected)
+    assert params["decoder"]["logits_dense"]["kernel"].dtype == jnp.float32
+    assert params["decoder"]["layers_0"]["mlp"]["wo"]["kernel"].dtype == jnp.bfloat16
+    assert_bit_exact(params, as_stored(cfg, params_f32, "bfloat16"))
+    # T5X's rule: float32 params, activations in the compute dtype, logits in float32.
+    enc = jnp.array([[37, 5, 12, 1, 0], [8, 9, 1, 0, 0]])
+    dec = jnp.array([[0, 5, 6], [0, 7, 0]])
+    logits = sp.T5(cfg).apply({"params": params}, enc, dec, enable_dropout=False)
+    t5x = sp.T5(cfg_f32.replace(dtype="bfloat16")).apply(
+        {"params": params_f32}, enc, dec, enable_dropout=False
+    )
+    np.testing.assert_array_equal(logits, t5x)
+    # The sharded loader and our own format's round trip follow the same rule.
+    assert_bit_exact(load_sharded(T5X_TINY, cfg, param_shardings(cfg, make_mesh(1, 1))), params)
+    sp.save_pretrained(tmp_path / "model", cfg, params)
+    assert_bit_exact(sp.load_pretrained(tmp_path / "model")[1], params)
+
+
+def test_tied_embedding_stays_float32(tmp_path):
+    cfg = sp.get_config("t5_1_0_tiny")  # original T5: ReLU, logits through the embedding
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(
+        lambda s: rng.standard_normal(s.shape, np.float32), sp.param_shapes(cfg)
+    )
+    write_hf_dir(tmp_path, cfg, params)
+    loaded_cfg, loaded = sp.load_pretrained(tmp_path, dtype="bfloat16")
+    assert loaded_cfg == cfg.replace(dtype="bfloat16")
+    assert loaded["token_embedder"]["embedding"].dtype == jnp.float32
+    assert loaded["encoder"]["layers_0"]["mlp"]["wi"]["kernel"].dtype == jnp.bfloat16
+    assert_bit_exact(loaded, as_stored(cfg, params, "bfloat16"))
+    shardings = param_shardings(loaded_cfg, make_mesh(1, 1))
+    assert_bit_exact(load_sharded(tmp_path, loaded_cfg, shardings), loaded)
 
 
 def test_model_runs_on_the_t5x_fixture(fixture_f32):
@@ -307,7 +349,7 @@ def test_scanned_config_stacks_t5x_layers(fixture_f32):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_save_pretrained_round_trips_bit_exactly(tmp_path, tiny, dtype):
     cfg, params = tiny
-    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    params = as_stored(cfg, params, dtype)
     sp.save_pretrained(tmp_path / "model", cfg, params)
     assert native.is_native_dir(tmp_path / "model")
 
@@ -331,7 +373,7 @@ def test_native_load_casts_and_unstacks(tmp_path, tiny):
     cfg, params = tiny
     sp.save_pretrained(tmp_path / "model", cfg, params)
     _, loaded = sp.load_pretrained(tmp_path / "model", dtype="bfloat16")
-    assert_bit_exact(loaded, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params))
+    assert_bit_exact(loaded, as_stored(cfg, params, "bfloat16"))
 
     scanned_cfg = cfg.replace(scan_layers=True)
     _, scanned = sp.load_pretrained(tmp_path / "model", dtype="float32", config=scanned_cfg)
@@ -357,7 +399,7 @@ def test_save_pretrained_is_atomic_and_checks_params(tmp_path, tiny, monkeypatch
     sp.save_pretrained(tmp_path / "model", cfg, params)
     with pytest.raises(FileExistsError, match="model"):
         sp.save_pretrained(tmp_path / "model", cfg, params)
-    bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    bf16 = as_stored(cfg, params, "bfloat16")
     sp.save_pretrained(tmp_path / "model", cfg, bf16, overwrite=True)
     assert_bit_exact(sp.load_pretrained(tmp_path / "model")[1], bf16)
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
@@ -383,10 +425,9 @@ HF_SUBLAYERS = {
 def hf_tensors(params) -> dict[str, np.ndarray]:
     """Our params under HF T5 names ([out, in] linears, relpos [buckets, heads] in block 0)."""
     p = jax.tree_util.tree_map(np.asarray, params)
-    out = {
-        "shared.weight": p["token_embedder"]["embedding"],
-        "lm_head.weight": p["decoder"]["logits_dense"]["kernel"].T,
-    }
+    out = {"shared.weight": p["token_embedder"]["embedding"]}
+    if "logits_dense" in p["decoder"]:
+        out["lm_head.weight"] = p["decoder"]["logits_dense"]["kernel"].T
     for stack, sublayers in HF_SUBLAYERS.items():
         out[f"{stack}.final_layer_norm.weight"] = p[stack][f"{stack}_norm"]["scale"]
         out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = p[stack][
@@ -402,14 +443,13 @@ def hf_tensors(params) -> dict[str, np.ndarray]:
                         kernel = layer[ours][name]["kernel"]
                         out[f"{prefix}.{attention}.{hf_name}.weight"] = kernel.T
                 else:
-                    for name in ("wi_0", "wi_1", "wo"):
-                        kernel = layer["mlp"][name]["kernel"]
-                        out[f"{prefix}.DenseReluDense.{name}.weight"] = kernel.T
+                    for name, dense in layer["mlp"].items():
+                        out[f"{prefix}.DenseReluDense.{name}.weight"] = dense["kernel"].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def test_huggingface_dir_is_detected_and_loaded(tmp_path, tiny):
-    cfg, params = tiny
+def write_hf_dir(directory: Path, cfg, params) -> None:
+    """`params` as a two-shard Hugging Face T5 dir (original T5 when `cfg` is tied and ReLU)."""
     tensors = hf_tensors(params)
     names = sorted(tensors)
     shards = {
@@ -417,11 +457,11 @@ def test_huggingface_dir_is_detected_and_loaded(tmp_path, tiny):
         "model-00002-of-00002.safetensors": names[1::2],
     }
     for file, keys in shards.items():
-        save_file({k: tensors[k] for k in keys}, str(tmp_path / file))
-    (tmp_path / "model.safetensors.index.json").write_text(
+        save_file({k: tensors[k] for k in keys}, str(directory / file))
+    (directory / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: file for file, keys in shards.items() for k in keys}})
     )
-    (tmp_path / "config.json").write_text(
+    (directory / "config.json").write_text(
         json.dumps(
             {
                 "model_type": "t5",
@@ -432,14 +472,18 @@ def test_huggingface_dir_is_detected_and_loaded(tmp_path, tiny):
                 "d_ff": cfg.mlp_dim,
                 "num_layers": 2,
                 "num_decoder_layers": 2,
-                "feed_forward_proj": "gated-gelu",
-                "tie_word_embeddings": False,
+                "feed_forward_proj": "relu" if cfg.mlp_activations == ("relu",) else "gated-gelu",
+                "tie_word_embeddings": cfg.logits_via_embedding,
                 "relative_attention_num_buckets": 32,
                 "relative_attention_max_distance": 128,
             }
         )
     )
 
+
+def test_huggingface_dir_is_detected_and_loaded(tmp_path, tiny):
+    cfg, params = tiny
+    write_hf_dir(tmp_path, cfg, params)
     assert detect_format(tmp_path) == ("huggingface", str(tmp_path))
     loaded_cfg, loaded = sp.load_pretrained(tmp_path, dtype="float32")
     assert loaded_cfg == cfg

@@ -203,14 +203,15 @@ def _check_errors(results: dict) -> None:
 def _check_sharded_load(results: dict, workdir: Path) -> None:
     """T5X checkpoint -> shards: values, layouts, and that each read is one device's slice."""
     import jax
-    import jax.numpy as jnp
     from flax.traverse_util import flatten_dict
 
     from softprompt_jax.checkpoints import save_pretrained, save_t5x_checkpoint
     from softprompt_jax.checkpoints.sharded import load_sharded, read_config
     from softprompt_jax.checkpoints.t5x_legacy import T5XCheckpoint
+    from softprompt_jax.model import param_dtype
     from softprompt_jax.model.scan import stack_layers
-    from softprompt_jax.partitioning import make_mesh, param_shardings
+    from softprompt_jax.partitioning import make_mesh, memory_plan, param_shardings
+    from softprompt_jax.train.optimizer import make_optimizer
 
     cfg = _tiny_config()
     params = _params()
@@ -250,12 +251,22 @@ def _check_sharded_load(results: dict, workdir: Path) -> None:
     T5XCheckpoint.read = original_read
     out["shapes"] = {key: list(leaf.shape) for key, leaf in flatten_dict(params, sep="/").items()}
 
-    bf16 = load_sharded(step_dir, cfg.replace(dtype="bfloat16"), param_shardings(cfg, mesh))
+    bf16_cfg = cfg.replace(dtype="bfloat16")
+    bf16 = flatten_dict(load_sharded(step_dir, bf16_cfg, param_shardings(cfg, mesh)), sep="/")
+    stored = {key: param_dtype(bf16_cfg, key, "bfloat16") for key in bf16}  # logits stay f32
     out["bf16"] = all(
-        a.dtype == jnp.bfloat16
-        and np.array_equal(np.asarray(a), np.asarray(jnp.asarray(b, jnp.bfloat16)))
-        for a, b in zip(jax.tree_util.tree_leaves(bf16), jax.tree_util.tree_leaves(params))
+        bf16[key].dtype == stored[key]
+        and np.array_equal(np.asarray(bf16[key]), np.asarray(value).astype(stored[key]))
+        for key, value in flatten_dict(params, sep="/").items()
     )
+    device = jax.devices()[5]  # what one device holds is what the memory plan counts
+    held = sum(
+        s.data.nbytes for a in bf16.values() for s in a.addressable_shards if s.device == device
+    )
+    plan = memory_plan(
+        bf16_cfg, (2, 4), batch_size=2, input_length=1, target_length=1, optimizer=make_optimizer()
+    )
+    out["bf16_bytes"] = [held, plan.frozen_weights]
     scanned = cfg.replace(scan_layers=True)
     native = load_sharded(native_dir, scanned, param_shardings(scanned, mesh))
     out["native_scanned_equal"] = all(
@@ -526,6 +537,7 @@ def test_sharded_load_matches_and_reads_only_slices(results, layout):
 def test_sharded_load_casts_converts_and_checks(results):
     load = results["load"]
     assert load["bf16"] and load["native_scanned_equal"]
+    assert load["bf16_bytes"][0] == load["bf16_bytes"][1]
     assert re.search(r"(en|de)coder/layers_0/mlp/wi_0/kernel", load["mismatch_error"])
     assert "(16, 32)" in load["mismatch_error"] and "(16, 64)" in load["mismatch_error"]
 

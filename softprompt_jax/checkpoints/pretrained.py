@@ -10,7 +10,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax.checkpoints import native
 from softprompt_jax.checkpoints.reader import check_shapes, model_view, open_pretrained
-from softprompt_jax.model.config import T5Config
+from softprompt_jax.model.config import T5Config, param_dtype
 
 
 def load_pretrained(
@@ -20,7 +20,7 @@ def load_pretrained(
 
     Without `config` it comes from the checkpoint (inferred from shapes for T5X); either way its
     compute dtype becomes `dtype` and every param is checked against `param_shapes(config)`
-    before any array data is read.
+    before any array data is read. The output projection stays float32 (`param_dtype`).
     """
     dtype_name = _float_dtype_name(dtype)
     reader = open_pretrained(path)
@@ -28,7 +28,9 @@ def load_pretrained(
     shapes, read = model_view(reader, cfg)
     params = {
         tuple(key.split("/")): jnp.asarray(
-            read(key, tuple(slice(None) for _ in shape)).astype(dtype_name, copy=False)
+            read(key, tuple(slice(None) for _ in shape)).astype(
+                param_dtype(cfg, key, dtype_name), copy=False
+            )
         )
         for key, shape in shapes.items()
     }

@@ -17,7 +17,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax.checkpoints.reader import model_view, open_pretrained
-from softprompt_jax.model.config import T5Config
+from softprompt_jax.model.config import T5Config, param_dtype
 from softprompt_jax.model.scan import Index
 
 
@@ -31,8 +31,8 @@ def load_sharded(
 ) -> dict:
     """Frozen params as global arrays laid out by `shardings` (from `param_shardings`).
 
-    `dtype` defaults to the compute dtype `cfg.dtype`: weights are stored once, as used.
-    Shapes are checked against `cfg` before any array data is read.
+    `dtype` defaults to the compute dtype `cfg.dtype`: weights are stored once, as used, but for
+    the float32 output projection (`param_dtype`). Shapes are checked before any data is read.
     """
     dtype = jnp.dtype(dtype or cfg.dtype)
     shapes, read = model_view(open_pretrained(path), cfg)
@@ -42,7 +42,11 @@ def load_sharded(
             tuple(key.split("/")): jax.make_array_from_callback(
                 shape,
                 flat_shardings[key],
-                _once_per_slice(lambda index, key=key: read(key, index).astype(dtype, copy=False)),
+                _once_per_slice(
+                    lambda index, key=key: read(key, index).astype(
+                        param_dtype(cfg, key, dtype), copy=False
+                    )
+                ),
             )
             for key, shape in shapes.items()
         }

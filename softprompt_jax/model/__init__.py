@@ -5,6 +5,7 @@ from softprompt_jax.model.config import (
     T5Config,
     get_config,
     infer_config_from_shapes,
+    param_dtype,
 )
 from softprompt_jax.model.network import T5, init_params, logical_axes, param_shapes
 
@@ -16,5 +17,6 @@ __all__ = [
     "infer_config_from_shapes",
     "init_params",
     "logical_axes",
+    "param_dtype",
     "param_shapes",
 ]

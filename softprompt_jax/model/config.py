@@ -19,7 +19,7 @@ class T5Config:
     """Architecture and numerics of a T5 encoder-decoder.
 
     `dtype` is the compute (activation) dtype; the stored parameter dtype is a
-    property of the parameter arrays themselves.
+    property of the parameter arrays themselves (loaders follow `param_dtype`).
     """
 
     vocab_size: int = 32128
@@ -72,6 +72,18 @@ class T5Config:
         if unknown:
             raise ValueError(f"unknown T5Config keys {unknown}; known keys are {sorted(known)}")
         return cls(**values)
+
+
+def param_dtype(cfg: T5Config, key: str, dtype: str | jnp.dtype) -> jnp.dtype:
+    """Stored dtype of param `key` ('/'-path) when `dtype` is asked for, by T5X's rule.
+
+    The output projection (`decoder/logits_dense/kernel`, or the tied `token_embedder/embedding`)
+    stays float32, since logits are computed in float32; every other param is stored in `dtype`.
+    """
+    output = (
+        "token_embedder/embedding" if cfg.logits_via_embedding else "decoder/logits_dense/kernel"
+    )
+    return jnp.dtype(jnp.float32 if key == output else dtype)
 
 
 def _t5_1_1(emb_dim: int, num_heads: int, num_layers: int, mlp_dim: int) -> T5Config:

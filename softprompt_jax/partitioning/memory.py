@@ -23,6 +23,7 @@ import optax
 from flax.traverse_util import flatten_dict
 
 from softprompt_jax.model import T5Config, param_shapes
+from softprompt_jax.model.config import param_dtype as stored_dtype
 from softprompt_jax.partitioning.rules import DATA, MODEL, Rules, standard_logical_axis_rules
 from softprompt_jax.partitioning.shardings import param_specs
 
@@ -61,7 +62,8 @@ def memory_plan(
     """Per-device bytes for `cfg` on a `(data, model)` mesh with this global batch and lengths.
 
     `optimizer` is the prompt's (its slots count as prompt state); `param_dtype` is the stored
-    frozen-weight dtype (default: the compute dtype `cfg.dtype`).
+    frozen-weight dtype (default: the compute dtype `cfg.dtype`; the output projection stays
+    float32, as the loaders store it).
     """
     rules = standard_logical_axis_rules() if rules is None else rules
     data, model = mesh_shape
@@ -105,11 +107,13 @@ def _weight_bytes(
     cfg: T5Config, sizes: tuple[tuple[str, int], ...], rules: Rules, dtype: str
 ) -> int:
     """Cached: tracing a deep model's init for its shapes and axes takes seconds."""
-    shapes = flatten_dict(param_shapes(cfg))
-    specs = flatten_dict(param_specs(cfg, dict(sizes), rules))
-    itemsize = jnp.dtype(dtype).itemsize
+    shapes = flatten_dict(param_shapes(cfg), sep="/")
+    specs = flatten_dict(param_specs(cfg, dict(sizes), rules), sep="/")
     return sum(
-        math.prod(shapes[key].shape) // _ways(specs[key], dict(sizes)) * itemsize for key in shapes
+        math.prod(shapes[key].shape)
+        // _ways(specs[key], dict(sizes))
+        * stored_dtype(cfg, key, dtype).itemsize
+        for key in shapes
     )
 
 
