@@ -55,6 +55,11 @@ def test_step_meter_leaves_hook_time_out():
     assert meter.seconds_per_step() < 0.05
     meter.restart_clock()
     assert meter.seconds_per_step() is None and len(meter.losses) == 2
+    with meter.paused():  # a log hook resets the meter while paused
+        time.sleep(0.2)
+        meter.reset()
+    meter.record(np.float32(1.0))
+    assert 0 < meter.seconds_per_step() < 0.05
 
 
 @pytest.fixture(scope="module")

@@ -75,11 +75,12 @@ class StepMeter:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
+        """Time spent inside is not training time (a `reset` inside restarts from there)."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._paused += time.perf_counter() - start
+            self._paused += time.perf_counter() - max(start, self._start)
 
     def mean_loss(self) -> float:
         """The mean loss of the recorded steps (waits for the device)."""
