@@ -14,6 +14,14 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# One persistent compilation cache for the whole run, inherited by the subprocesses tests
+# start (CLI runs, multi-device checks): a program compiled once is loaded after that, also
+# when a test re-jits the same function. A developer may point it at a lasting folder.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="softprompt-jax-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO_ROOT / "tests" / "data"  # every artifact a test reads; see its README.md
 
@@ -46,3 +54,5 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
                 process.kill()
                 process.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

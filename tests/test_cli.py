@@ -62,6 +62,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(train_argv(frozen_model, run, 4, EVAL_PERIOD=4, EVAL_EXAMPLES=8)) == 0
@@ -133,6 +134,7 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
     assert read_jsonl(sampled) == lines
 
 
+@pytest.mark.slow
 def test_train_on_a_sharded_mesh_matches_one_device(frozen_model, tmp_path):
     """`train` on 4 forced CPU devices, mesh 2x2 with FSDP-like rules, equals one device."""
     steps, macros = 3, {"EVAL_PERIOD": 3, "EVAL_EXAMPLES": 4}
@@ -215,6 +217,7 @@ def test_unknown_gin_file_is_named(capsys):
     assert "models/no_such_model.gin" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_prompt(frozen_model, tmp_path):
     """A real process killed with SIGKILL mid-run, restarted, ends where a clean run ends."""
     steps = 9  # three checkpoints, each after an evaluation; killed after the first

@@ -7,7 +7,11 @@ directory and a relative workdir, as a newcomer would start it, and must print i
 
 from __future__ import annotations
 
+import pytest
+
 from softprompt_jax import demo
+
+pytestmark = pytest.mark.slow  # end to end; `pytest -m 'not slow'` skips it
 
 
 def test_demo_runs_end_to_end_from_a_fresh_directory(tmp_path, monkeypatch, capsys):

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from conftest import started_subprocesses
 
+pytestmark = pytest.mark.slow  # end to end; `pytest -m 'not slow'` skips it
+
 PROCESSES, LOCAL_DEVICES, STEPS, BATCH = 2, 2, 3, 8
 MESHES = {"2x2": (2, 2), "1x4": (1, 4)}
 TIMEOUT_S = 180

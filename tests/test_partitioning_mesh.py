@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from conftest import started_subprocesses
 
+pytestmark = pytest.mark.slow  # end to end; `pytest -m 'not slow'` skips it
+
 DEVICES = 8
 TIMEOUT_S = 300
 STEPS = 3
