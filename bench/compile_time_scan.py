@@ -44,12 +44,10 @@ def _abstract_inputs(cfg: Any, tx: Any, args: argparse.Namespace) -> tuple:
     import jax
     import jax.numpy as jnp
 
-    from softprompt_jax.model import param_shapes
+    from softprompt_jax.model import cast_params, param_shapes
     from softprompt_jax.train.train_step import init_train_state
 
-    params = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(args.dtype)), param_shapes(cfg)
-    )
+    params = cast_params(cfg, param_shapes(cfg), args.dtype)  # logits_dense stays float32
     state = jax.eval_shape(
         lambda: init_train_state(jnp.zeros((args.prompt_length, cfg.emb_dim)), tx)
     )

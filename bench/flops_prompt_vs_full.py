@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from softprompt_jax.losses import LossConfig, prompt_loss
-from softprompt_jax.model import get_config, param_shapes
+from softprompt_jax.model import cast_params, get_config, param_shapes
 from softprompt_jax.train.optimizer import make_optimizer
 from softprompt_jax.train.train_step import init_train_state, make_train_step
 
@@ -39,9 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = get_config(args.model).replace(dtype=args.dtype)
-    params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(args.dtype)), param_shapes(cfg)
-    )
+    params = cast_params(cfg, param_shapes(cfg), args.dtype)  # logits_dense stays float32
     prompt = jax.ShapeDtypeStruct((args.prompt_length, cfg.emb_dim), jnp.float32)
     ints = lambda length: jax.ShapeDtypeStruct((args.batch, length), jnp.int32)
     batch = {

@@ -22,6 +22,7 @@ import numpy as np
 
 import softprompt_jax as sp
 from softprompt_jax.losses import LossConfig
+from softprompt_jax.model import cast_params
 from softprompt_jax.train.optimizer import make_optimizer
 from softprompt_jax.train.train_step import init_train_state, make_train_step
 
@@ -47,11 +48,8 @@ def forward_flops(cfg: sp.T5Config, enc_len: int, dec_len: int) -> float:
 def bench(size: str, batch: int, inputs: int, targets: int, prompt_length: int, steps: int) -> dict:
     name = "t5_1_1_tiny" if size == "tiny" else f"t5_1_1_{size}"
     cfg = sp.get_config(name).replace(dtype="bfloat16", **OVERRIDES.get(size, {}))
-    init = jax.jit(
-        lambda: jax.tree_util.tree_map(
-            lambda x: x.astype(jnp.bfloat16), sp.init_params(cfg.replace(scan_layers=False), 0)
-        )
-    )
+    unscanned = cfg.replace(scan_layers=False)
+    init = jax.jit(lambda: cast_params(unscanned, sp.init_params(unscanned, 0), "bfloat16"))
     params = init()
     if cfg.scan_layers:
         from softprompt_jax.model.scan import stack_layers

@@ -9,7 +9,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import softprompt_jax as sp
-from softprompt_jax.model import logical_axes
+from softprompt_jax.model import cast_params, logical_axes
 from softprompt_jax.model.scan import stack_layers, unstack_layers
 
 TINY = sp.get_config("t5_1_1_tiny")
@@ -207,3 +207,14 @@ def test_bad_inputs_get_clear_errors(params):
         )
     with pytest.raises(ValueError, match="remat_policy"):
         TINY.replace(remat_policy="sometimes")
+
+
+def test_cast_params_keeps_the_output_projection_float32(params):
+    """T5X's rule for bf16 models, on arrays and on shapes alike (what the benchmarks build)."""
+    for tree in (params, sp.param_shapes(TINY)):
+        cast = flatten_dict(cast_params(TINY, tree, "bfloat16"), sep="/")
+        assert cast.pop("decoder/logits_dense/kernel").dtype == jnp.float32
+        assert {leaf.dtype for leaf in cast.values()} == {jnp.dtype(jnp.bfloat16)}
+    tied = TINY.replace(logits_via_embedding=True)
+    cast = cast_params(tied, sp.param_shapes(tied), "bfloat16")
+    assert cast["token_embedder"]["embedding"].dtype == jnp.float32

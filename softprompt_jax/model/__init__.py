@@ -3,6 +3,7 @@
 from softprompt_jax.model.config import (
     NAMED_CONFIGS,
     T5Config,
+    cast_params,
     get_config,
     infer_config_from_shapes,
     param_dtype,
@@ -13,6 +14,7 @@ __all__ = [
     "NAMED_CONFIGS",
     "T5",
     "T5Config",
+    "cast_params",
     "get_config",
     "infer_config_from_shapes",
     "init_params",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -84,6 +85,18 @@ def param_dtype(cfg: T5Config, key: str, dtype: str | jnp.dtype) -> jnp.dtype:
         "token_embedder/embedding" if cfg.logits_via_embedding else "decoder/logits_dense/kernel"
     )
     return jnp.dtype(jnp.float32 if key == output else dtype)
+
+
+def cast_params(cfg: T5Config, params: dict, dtype: str | jnp.dtype) -> dict:
+    """A param tree (arrays or `ShapeDtypeStruct`s) in the dtypes `param_dtype` gives."""
+
+    def cast(path: tuple, leaf: jax.Array | jax.ShapeDtypeStruct) -> jax.Array:
+        stored = param_dtype(cfg, "/".join(str(k.key) for k in path), dtype)
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, stored)
+        return leaf.astype(stored)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _t5_1_1(emb_dim: int, num_heads: int, num_layers: int, mlp_dim: int) -> T5Config:
