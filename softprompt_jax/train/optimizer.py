@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 PROMPT_LABEL, FROZEN_LABEL = "prompt", "frozen"
@@ -82,12 +83,30 @@ def make_optimizer(
     config: AdafactorConfig = AdafactorConfig(),
     prompt_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
-    """Adafactor (or `prompt_optimizer`) on prompt leaves; zero updates and no state elsewhere.
+    """The paper's Adafactor (or `prompt_optimizer`) for prompt leaves only (`prompt_only`)."""
+    return prompt_only(prompt_optimizer or adafactor(config))
 
-    A partition, not `optax.masked`: masked leaves would pass their raw gradients
-    through as updates, while `set_to_zero` pins frozen leaves and keeps no slots.
+
+def prompt_only(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` on the prompt leaves of any tree; every other leaf stays bit-identical.
+
+    Prompt leaves are a bare array, or any leaf under a key named `prompt` (a `PromptedT5`
+    tree's `encoder/prompt/prompt/prompt`). Other leaves get no optimizer state and an
+    update of -0.0, which `optax.apply_updates` adds as an exact identity (+0.0 would turn
+    a -0.0 weight into +0.0). Their gradients are never read, so under `jax.jit` XLA drops
+    the weight-gradient computation. Not `optax.masked` alone: that passes the raw
+    gradients of masked-out leaves through as their updates, which moves them.
     """
     return optax.transforms.partition(
-        {PROMPT_LABEL: prompt_optimizer or adafactor(config), FROZEN_LABEL: optax.set_to_zero()},
-        prompt_labels,
+        {PROMPT_LABEL: optimizer, FROZEN_LABEL: _keep_unchanged()}, prompt_labels
     )
+
+
+def _keep_unchanged() -> optax.GradientTransformation:
+    """Stateless; updates of -0.0 (the additive identity, also for -0.0 itself)."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u: jnp.full_like(u, -0.0), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
