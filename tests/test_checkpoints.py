@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 import softprompt_jax as sp
 from softprompt_jax.checkpoints import detect_format, native, open_pretrained, t5x_legacy
 from softprompt_jax.checkpoints.sharded import load_sharded
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model import param_dtype
 from softprompt_jax.model.scan import stack_layers
 from softprompt_jax.partitioning import make_mesh, param_shardings
@@ -397,7 +398,7 @@ def test_save_pretrained_is_atomic_and_checks_params(tmp_path, tiny, monkeypatch
 
     monkeypatch.undo()
     sp.save_pretrained(tmp_path / "model", cfg, params)
-    with pytest.raises(FileExistsError, match="model"):
+    with pytest.raises(SoftpromptError, match="model"):
         sp.save_pretrained(tmp_path / "model", cfg, params)
     bf16 = as_stored(cfg, params, "bfloat16")
     sp.save_pretrained(tmp_path / "model", cfg, bf16, overwrite=True)
@@ -502,7 +503,7 @@ def test_huggingface_dir_is_detected_and_loaded(tmp_path, tiny):
 
 
 def test_missing_path_and_unknown_formats(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(SoftpromptError, match="nowhere"):
         sp.load_pretrained(tmp_path / "nowhere")
     with pytest.raises(ValueError, match=f"{tmp_path}: unknown checkpoint format.*safetensors"):
         sp.load_pretrained(tmp_path)
@@ -567,5 +568,44 @@ def test_native_dir_with_wrong_params_is_reported(tmp_path, tiny):
     sp.save_pretrained(tmp_path / "model", cfg, params)
     config_file = tmp_path / "model" / "config.json"
     config_file.write_text(json.dumps(cfg.replace(mlp_dim=32).to_dict()))
-    with pytest.raises(ValueError, match="(?s)params: checkpoint does not match.*mlp/wi_0/kernel"):
+    with pytest.raises(SoftpromptError) as error:
         sp.load_pretrained(tmp_path / "model")
+    first, *rest = str(error.value).splitlines()
+    # The first line (all the command line prints) names the file, a key and both shapes.
+    assert "params: checkpoint does not match the model config: parameter" in first
+    assert "mlp/wi_0/kernel' has shape (8, 16); the model config expects (8, 32)" in first
+    assert "more):" in first and rest
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["empty manifest", "cut manifest", "garbled metadata", "no params"],
+)
+def test_damaged_native_dir_is_one_error_naming_it(tmp_path, tiny, damage, capfd):
+    """A damaged orbax store fails in one line naming it, with no "Event loop is closed" flood."""
+    cfg, params = tiny
+    sp.save_pretrained(tmp_path / "model", cfg, params)
+    params_dir = tmp_path / "model" / native.PARAMS_DIR
+    manifest, metadata = params_dir / "manifest.ocdbt", params_dir / "_METADATA"
+    if damage == "empty manifest":
+        manifest.write_bytes(b"")
+    elif damage == "cut manifest":
+        manifest.write_bytes(manifest.read_bytes()[:40])
+    elif damage == "garbled metadata":
+        metadata.write_text("{garbled")
+    else:
+        shutil.rmtree(params_dir)
+    capfd.readouterr()
+    with pytest.raises(SoftpromptError, match=f"{params_dir}: damaged model params") as error:
+        sp.load_pretrained(tmp_path / "model")
+    assert "\n" not in str(error.value)
+    assert "Event loop is closed" not in "".join(capfd.readouterr())
+
+
+def test_truncated_huggingface_safetensors_names_the_file(tmp_path, tiny):
+    cfg, params = tiny
+    write_hf_dir(tmp_path, cfg, params)
+    weights = sorted(tmp_path.glob("*.safetensors"))[-1]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(SoftpromptError, match=f"{weights} is not a readable safetensors file"):
+        sp.load_pretrained(tmp_path)

@@ -14,6 +14,7 @@ from flax.traverse_util import flatten_dict
 
 import softprompt_jax as sp
 from softprompt_jax.checkpoints import t5x_legacy
+from softprompt_jax.errors import SoftpromptError
 
 T5X_TINY = TEST_DATA / "t5x_tiny" / "checkpoint_3"
 # Norm scales (8 x f32 = 32 bytes, 16 as bf16) go inline; kernels, relpos, embedding go to zarr.
@@ -157,7 +158,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, tiny_params, monkeypatch):
 
 def test_writer_refuses_to_overwrite_a_step(tmp_path, tiny_params):
     (tmp_path / "checkpoint_5").mkdir()
-    with pytest.raises(FileExistsError, match="checkpoint_5"):
+    with pytest.raises(SoftpromptError, match="checkpoint_5"):
         t5x_legacy.save_t5x_checkpoint(tmp_path, tiny_params, step=5)
 
 

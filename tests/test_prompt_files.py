@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import softprompt_jax as sp
 from softprompt_jax.checkpoints.prompt_files import OFFICIAL_SIDECAR, PEFT_CONFIG, PEFT_WEIGHTS
+from softprompt_jax.errors import SoftpromptError
 
 
 def random_prompt(shape=(5, 16), seed=0) -> np.ndarray:
@@ -72,8 +73,41 @@ def test_shape_and_format_errors_name_the_file(tmp_path):
     np.save(tmp_path / "ids.npy", np.arange(6).reshape(2, 3))
     with pytest.raises(ValueError, match=r"ids\.npy has dtype int64"):
         sp.load_prompt(tmp_path / "ids.npy")
-    with pytest.raises(FileNotFoundError, match="missing_dir"):
+    with pytest.raises(SoftpromptError, match="missing_dir"):
         sp.load_prompt(tmp_path / "missing_dir")
+
+
+@pytest.mark.parametrize("contents", [b"", b"not numpy at all", "half"])
+def test_damaged_npy_is_one_error_naming_the_file(tmp_path, contents):
+    """An empty (zero-byte), garbled or cut-short `.npy` is a SoftpromptError, not EOFError."""
+    path = tmp_path / "broken.npy"
+    sp.save_prompt(random_prompt(), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if contents == "half" else contents)
+    with pytest.raises(SoftpromptError, match=r"prompt file .*broken\.npy is not a readable"):
+        sp.load_prompt(path)
+
+
+def test_truncated_peft_safetensors_is_one_error_naming_the_file(tmp_path):
+    sp.save_prompt(random_prompt(), tmp_path / "adapter")
+    weights = tmp_path / "adapter" / PEFT_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-20])
+    with pytest.raises(SoftpromptError, match=r"adapter_model\.safetensors is not a readable"):
+        sp.load_prompt(tmp_path / "adapter")
+    (tmp_path / "adapter" / PEFT_CONFIG).write_text("{not json")
+    with pytest.raises(SoftpromptError, match=r"adapter_config\.json: cannot read JSON"):
+        sp.load_prompt(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_prompt_is_refused_on_load(tmp_path, bad):
+    prompt = random_prompt()
+    prompt[1, 2] = prompt[3, 4] = bad
+    sp.save_prompt(prompt, tmp_path / "p.npy")
+    sp.save_prompt(prompt, tmp_path / "adapter")
+    for path in (tmp_path / "p.npy", tmp_path / "adapter"):
+        with pytest.raises(SoftpromptError, match=r"has 2 non-finite values \(NaN or infinity\)"):
+            sp.load_prompt(path)
 
 
 @pytest.fixture(scope="module")

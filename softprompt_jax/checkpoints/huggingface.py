@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 from flax.traverse_util import unflatten_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 
 _TIED_FALLBACKS = {
@@ -30,7 +31,7 @@ def config_from_hf(hf_config: Mapping, dtype: str = "float32") -> T5Config:
     """Map a HF `T5Config` dict (as in `config.json`) onto our `T5Config`."""
     feed_forward = hf_config.get("feed_forward_proj", "relu")
     if feed_forward not in _FEED_FORWARD:
-        raise ValueError(
+        raise SoftpromptError(
             f"feed_forward_proj={feed_forward!r} is not supported; expected one of "
             f"{sorted(_FEED_FORWARD)}"
         )
@@ -112,7 +113,7 @@ def params_from_hf_state_dict(
     for ours, (theirs, transpose) in _hf_to_t5x_names(cfg).items():
         theirs = _present(theirs, state_dict)
         if theirs not in state_dict:
-            raise ValueError(f"{source}: tensor {theirs!r} (for {ours}) is missing")
+            raise SoftpromptError(f"{source}: tensor {theirs!r} (for {ours}) is missing")
         flat[tuple(ours.split("/"))] = state_dict[theirs].T if transpose else state_dict[theirs]
     return unflatten_dict(flat)
 
@@ -136,7 +137,7 @@ class HuggingFaceCheckpoint:
         return str(self.directory)
 
     def config(self, dtype: str) -> T5Config:
-        return config_from_hf(self.hf_config, dtype=dtype)
+        return _config(self.hf_config, self.directory / "config.json", dtype)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {key: shape[::-1] if t else shape for key, (_, _, t, shape) in self.tensors.items()}
@@ -149,8 +150,11 @@ class HuggingFaceCheckpoint:
     def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
         """Only `index` of one tensor is read (safetensors slices the file)."""
         file, name, transpose, _ = self.tensors[key]
-        with safe_open(str(file), framework="numpy") as handle:
-            part = handle.get_slice(name)[index[::-1] if transpose else index]
+        try:
+            with safe_open(str(file), framework="numpy") as handle:
+                part = handle.get_slice(name)[index[::-1] if transpose else index]
+        except (OSError, SafetensorError) as error:  # changed or cut short since opened
+            raise SoftpromptError(f"{file}: tensor {name!r}: {error}") from error
         return part.T if transpose else part
 
 
@@ -160,20 +164,37 @@ def open_huggingface(path: str | Path) -> HuggingFaceCheckpoint:
     config_file = directory / "config.json"
     try:
         hf_config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read Hugging Face config {config_file}: {error}") from error
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise SoftpromptError(f"cannot read Hugging Face config {config_file}: {error}") from error
+    if not isinstance(hf_config, dict):
+        raise SoftpromptError(f"{config_file}: expected a JSON object")
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {directory}")
+        raise SoftpromptError(f"no *.safetensors file in {directory}")
     stored = {}  # HF tensor name -> (file, shape)
     for file in files:
-        with safe_open(str(file), framework="numpy") as handle:
-            stored.update(
-                {name: (file, handle.get_slice(name).get_shape()) for name in handle.keys()}
-            )
+        try:
+            with safe_open(str(file), framework="numpy") as handle:
+                stored.update(
+                    {name: (file, handle.get_slice(name).get_shape()) for name in handle.keys()}
+                )
+        except (OSError, SafetensorError) as error:  # cut short, not safetensors
+            raise SoftpromptError(f"{file} is not a readable safetensors file: {error}") from error
     tensors = {
         ours: (stored[name][0], name, transpose, tuple(stored[name][1]))
-        for ours, (theirs, transpose) in _hf_to_t5x_names(config_from_hf(hf_config)).items()
+        for ours, (theirs, transpose) in _hf_to_t5x_names(
+            _config(hf_config, config_file, "float32")
+        ).items()
         if (name := _present(theirs, stored)) in stored
     }
     return HuggingFaceCheckpoint(directory, hf_config, tensors)
+
+
+def _config(hf_config: Mapping, config_file: Path, dtype: str) -> T5Config:
+    """`config_from_hf`, with a missing key named as a mistake in `config_file`."""
+    try:
+        return config_from_hf(hf_config, dtype=dtype)
+    except KeyError as error:
+        raise SoftpromptError(f"{config_file}: no {error} setting") from error
+    except SoftpromptError as error:
+        raise SoftpromptError(f"{config_file}: {error}") from error

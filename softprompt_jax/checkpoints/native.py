@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax.traverse_util import flatten_dict
 
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 
 FORMAT_FILE = "softprompt_jax.json"
@@ -45,7 +46,7 @@ def save_native(
     """
     path = Path(path).absolute()  # orbax accepts absolute paths only
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        raise SoftpromptError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -96,9 +97,10 @@ class NativeCheckpoint:
         }
         try:
             return ts.open(spec, open=True, read=True).result()[index].read().result()
-        except ValueError as error:
-            message = str(error).split(" [tensorstore_spec=")[0]
-            raise ValueError(f"{self.source}: parameter {key!r}: {message}") from error
+        except ValueError as error:  # a damaged or missing data file
+            raise SoftpromptError(
+                f"{self.source}: parameter {key!r}: {_ts_message(error)}"
+            ) from error
 
 
 def open_native(path: str | os.PathLike) -> NativeCheckpoint:
@@ -106,24 +108,55 @@ def open_native(path: str | os.PathLike) -> NativeCheckpoint:
     path = Path(path).absolute()  # orbax accepts absolute paths only
     marker = _read_json(path / FORMAT_FILE)
     if marker.get("format") != FORMAT_NAME or marker.get("version") != FORMAT_VERSION:
-        raise ValueError(
+        raise SoftpromptError(
             f"{path / FORMAT_FILE}: format {marker.get('format')!r} version "
             f"{marker.get('version')!r}; this reader knows {FORMAT_NAME!r} version {FORMAT_VERSION}"
         )
-    cfg = T5Config.from_dict(_read_json(path / CONFIG_FILE))
-    with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path / PARAMS_DIR).item_metadata
-    return NativeCheckpoint(path, cfg, flatten_dict(dict(metadata), sep="/"))
+    try:
+        cfg = T5Config.from_dict(_read_json(path / CONFIG_FILE))
+    except (TypeError, ValueError) as error:  # unknown keys, wrong values
+        raise SoftpromptError(f"{path / CONFIG_FILE}: {error}") from error
+    return NativeCheckpoint(path, cfg, _array_metadata(path / PARAMS_DIR))
+
+
+def _array_metadata(params_dir: Path) -> dict[str, Any]:
+    """Each param's orbax `ArrayMetadata`; a damaged store is one error naming `params_dir`.
+
+    The OCDBT store is opened synchronously first: a damaged manifest read through orbax
+    fails inside its event loop and floods the console with "Event loop is closed".
+    """
+    store = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{params_dir}/"}}
+    try:
+        ts.KvStore.open(store).result().list().result()
+    except ValueError as error:
+        raise SoftpromptError(
+            f"{params_dir}: damaged model params: {_ts_message(error)}"
+        ) from error
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(params_dir).item_metadata
+    except (OSError, ValueError) as error:
+        raise SoftpromptError(f"{params_dir}: damaged model params: {error}") from error
+    if not metadata:  # orbax logs why and returns None
+        raise SoftpromptError(
+            f"{params_dir}: damaged model params: orbax finds no array metadata in it"
+        )
+    return flatten_dict(dict(metadata), sep="/")
 
 
 def _read_json(file: Path) -> dict:
     try:
         value = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file}: cannot read JSON: {error}") from error
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise SoftpromptError(f"{file}: cannot read JSON: {error}") from error
     if not isinstance(value, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+        raise SoftpromptError(f"{file}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def _ts_message(error: Exception) -> str:
+    """TensorStore's first line, without the long spec dump it appends."""
+    return str(error).split(" [tensorstore_spec=")[0].splitlines()[0]
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:

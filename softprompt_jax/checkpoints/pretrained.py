@@ -10,6 +10,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax.checkpoints import native
 from softprompt_jax.checkpoints.reader import check_shapes, model_view, open_pretrained
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config, param_dtype
 
 
@@ -46,11 +47,11 @@ def save_pretrained(
 
 
 def check_params(params: dict, cfg: T5Config, source: str) -> None:
-    """Raise `ValueError` naming `source`, key and shapes if `params` do not fit `cfg`."""
+    """Raise SoftpromptError naming `source`, key and shapes if `params` do not fit `cfg`."""
     flat = flatten_dict(params, sep="/")
     for key, value in flat.items():
         if not jnp.issubdtype(value.dtype, jnp.floating):
-            raise ValueError(
+            raise SoftpromptError(
                 f"{source}: parameter {key!r} has dtype {value.dtype}; "
                 "expected a floating-point array"
             )
@@ -58,7 +59,12 @@ def check_params(params: dict, cfg: T5Config, source: str) -> None:
 
 
 def _float_dtype_name(dtype: str) -> str:
-    resolved = jnp.dtype(dtype)
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as error:  # not a dtype name
+        raise SoftpromptError(f"dtype={dtype!r}: {error}") from error
     if not jnp.issubdtype(resolved, jnp.floating):
-        raise ValueError(f"dtype={dtype!r}: expected a floating-point dtype such as 'bfloat16'")
+        raise SoftpromptError(
+            f"dtype={dtype!r}: expected a floating-point dtype such as 'bfloat16'"
+        )
     return resolved.name

@@ -19,9 +19,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from softprompt_jax import storage
+from softprompt_jax.errors import SoftpromptError
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -37,12 +39,14 @@ def save_prompt(prompt: jax.Array | np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix == ".npy":
         if array.ndim not in (2, 3):
-            raise ValueError(f"{path}: a prompt or bank has 2 or 3 dims, got shape {array.shape}")
+            raise SoftpromptError(
+                f"{path}: a prompt or bank has 2 or 3 dims, got shape {array.shape}"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         storage.write_npy_atomic(path, array)
         return path
     if array.ndim != 2:
-        raise ValueError(
+        raise SoftpromptError(
             f"{path}: a PEFT adapter holds one [length, emb_dim] prompt, got shape {array.shape}"
         )
     _save_peft(array, path)
@@ -50,7 +54,10 @@ def save_prompt(prompt: jax.Array | np.ndarray, path: str | Path) -> Path:
 
 
 def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None) -> jax.Array:
-    """Read a prompt (`.npy`, official sidecar file or dir, PEFT dir) as float32."""
+    """Read a prompt (`.npy`, official sidecar file or dir, PEFT dir) as float32.
+
+    A prompt with NaN or infinite values is refused: it would only yield NaN scores.
+    """
     path = Path(path)
     if (path / PEFT_CONFIG).is_file():
         source, array = path, _load_peft(path)
@@ -60,12 +67,18 @@ def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None)
     elif path.is_file():
         source, array = path, _load_npy(path)
     else:
-        raise FileNotFoundError(
+        raise SoftpromptError(
             f"{path}: not a prompt file, a PEFT adapter dir ({PEFT_CONFIG}) or an official "
             f"numpy checkpoint dir ({OFFICIAL_SIDECAR})"
         )
+    non_finite = array.size - int(np.isfinite(array).sum())
+    if non_finite:
+        raise SoftpromptError(
+            f"prompt file {source} has {non_finite} non-finite values (NaN or infinity) "
+            f"among its {array.size}"
+        )
     if expected_shape is not None and array.shape != tuple(expected_shape):
-        raise ValueError(
+        raise SoftpromptError(
             f"prompt file {source} has shape {array.shape}; model expects {tuple(expected_shape)}"
         )
     return jnp.asarray(array)
@@ -74,9 +87,11 @@ def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None)
 def _as_float32(array: np.ndarray, source: Path) -> np.ndarray:
     """Cast any float prompt to float32; reject other dtypes and ranks."""
     if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"prompt file {source} has dtype {array.dtype}; expected a float dtype")
+        raise SoftpromptError(
+            f"prompt file {source} has dtype {array.dtype}; expected a float dtype"
+        )
     if array.ndim not in (2, 3):
-        raise ValueError(
+        raise SoftpromptError(
             f"prompt file {source} has shape {array.shape}; expected [length, emb_dim] "
             "or a bank [num_prompts, length, emb_dim]"
         )
@@ -84,31 +99,57 @@ def _as_float32(array: np.ndarray, source: Path) -> np.ndarray:
 
 
 def _load_npy(path: Path) -> np.ndarray:
-    return _as_float32(np.load(path, allow_pickle=False), path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as error:  # empty, cut short, pickled, not numpy
+        raise SoftpromptError(f"prompt file {path} is not a readable .npy file: {error}") from error
+    if not isinstance(array, np.ndarray):
+        raise SoftpromptError(f"prompt file {path} is a .npz archive; expected one .npy array")
+    return _as_float32(array, path)
 
 
 def _load_peft(directory: Path) -> np.ndarray:
     """The encoder rows (the first `num_virtual_tokens`) of a PEFT prompt-tuning adapter."""
     config_file, weights_file = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise SoftpromptError(f"{config_file}: cannot read JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise SoftpromptError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "PROMPT_TUNING":
-        raise ValueError(
+        raise SoftpromptError(
             f"{config_file}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING'"
         )
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} is missing (pickled .bin adapters are not read)")
-    tensors = load_file(weights_file)
+        raise SoftpromptError(f"{weights_file} is missing (pickled .bin adapters are not read)")
+    try:
+        tensors = load_file(weights_file)
+    except SafetensorError as error:  # cut short or not safetensors at all
+        raise SoftpromptError(
+            f"{weights_file} is not a readable safetensors file: {error}"
+        ) from error
     if PEFT_KEY not in tensors:
-        raise ValueError(f"{weights_file}: no tensor {PEFT_KEY!r}; found {sorted(tensors)}")
-    length = config["num_virtual_tokens"]
-    rows = length * (config.get("num_transformer_submodules") or 1)
+        raise SoftpromptError(f"{weights_file}: no tensor {PEFT_KEY!r}; found {sorted(tensors)}")
+    length = config.get("num_virtual_tokens")
+    submodules = config.get("num_transformer_submodules") or 1
+    if not _positive_int(length) or not _positive_int(submodules):
+        raise SoftpromptError(
+            f"{config_file}: num_virtual_tokens {length!r} and num_transformer_submodules "
+            f"{submodules!r} must be positive integers"
+        )
+    rows = length * submodules
     table = _as_float32(tensors[PEFT_KEY], weights_file)
     if table.ndim != 2 or table.shape[0] != rows:
-        raise ValueError(
+        raise SoftpromptError(
             f"{weights_file}: {PEFT_KEY!r} has shape {table.shape}; {config_file} implies "
             f"({rows}, emb_dim) = num_virtual_tokens * num_transformer_submodules rows"
         )
     return table[:length]
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _save_peft(prompt: np.ndarray, directory: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from softprompt_jax.checkpoints import huggingface, native, t5x_legacy
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.network import param_shapes
 from softprompt_jax.model.scan import Index, is_scanned, relayout
@@ -45,11 +46,11 @@ def detect_format(path: str | os.PathLike) -> tuple[str, str]:
         return T5X, t5x_legacy.step_dir_of(location)
     local = Path(location)
     if not local.exists():
-        raise FileNotFoundError(f"{location}: no such file or directory")
+        raise SoftpromptError(f"{location}: no such file or directory")
     if local.is_file():
         if local.name == t5x_legacy.CHECKPOINT_FILE:
             return T5X, str(local.parent)
-        raise ValueError(f"{location}: unknown checkpoint format; looked for {_LOOKED_FOR}")
+        raise SoftpromptError(f"{location}: unknown checkpoint format; looked for {_LOOKED_FOR}")
     if native.is_native_dir(local):
         return NATIVE, location
     if (local / t5x_legacy.CHECKPOINT_FILE).is_file():
@@ -63,7 +64,7 @@ def detect_format(path: str | os.PathLike) -> tuple[str, str]:
     if steps:
         return T5X, str(steps[max(steps)])
     hint = " (config.json found but no *.safetensors weights)" if has_config else ""
-    raise ValueError(f"{location}: unknown checkpoint format{hint}; looked for {_LOOKED_FOR}")
+    raise SoftpromptError(f"{location}: unknown checkpoint format{hint}; looked for {_LOOKED_FOR}")
 
 
 def open_pretrained(path: str | os.PathLike) -> CheckpointReader:
@@ -85,7 +86,7 @@ def model_view(
     check_shapes(shapes, cfg.replace(scan_layers=is_scanned(shapes)), reader.source)
     for key, dtype in reader.dtypes().items():
         if not jnp.issubdtype(dtype, jnp.floating):  # e.g. T5X version 2's bf16 as uint16
-            raise ValueError(
+            raise SoftpromptError(
                 f"{reader.source}: parameter {key!r} is stored as {dtype}, not floating point; "
                 "refusing to cast it"
             )
@@ -93,7 +94,10 @@ def model_view(
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: T5Config, source: str) -> None:
-    """Raise `ValueError` naming `source`, the keys and both shapes where `shapes` miss `cfg`."""
+    """Raise SoftpromptError naming `source`, the keys and both shapes where `shapes` miss `cfg`.
+
+    The first line names the first mismatch; the others follow one per line.
+    """
     expected = _expected_shapes(cfg)
     problems = (
         [
@@ -113,10 +117,14 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: T5Config, source: str)
         ]
     )
     if problems:
-        if len(problems) > _MAX_REPORTED:
-            problems = [*problems[:_MAX_REPORTED], f"... and {len(problems) - _MAX_REPORTED} more"]
-        listed = "\n  ".join(problems)
-        raise ValueError(f"{source}: checkpoint does not match the model config:\n  {listed}")
+        first = f"{source}: checkpoint does not match the model config: {problems[0]}"
+        if len(problems) == 1:
+            raise SoftpromptError(first)
+        rest = problems[1:]
+        if len(rest) > _MAX_REPORTED:
+            rest = [*rest[:_MAX_REPORTED], f"... and {len(rest) - _MAX_REPORTED} more"]
+        listed = "\n  ".join(rest)
+        raise SoftpromptError(f"{first} (and {len(problems) - 1} more):\n  {listed}")
 
 
 @functools.lru_cache(maxsize=8)

@@ -26,6 +26,7 @@ import numpy as np
 import tensorstore as ts
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config, infer_config_from_shapes
 
 CHECKPOINT_FILE = "checkpoint"
@@ -60,7 +61,7 @@ class T5XCheckpoint:
         try:
             return infer_config_from_shapes(self.shapes(), dtype=dtype)
         except ValueError as error:
-            raise ValueError(f"{self.source}: {error}; pass config= explicitly") from error
+            raise SoftpromptError(f"{self.source}: {error}; pass config= explicitly") from error
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every param's shape, from the msgpack (zarr metadata only where the spec lacks it)."""
@@ -75,7 +76,7 @@ class T5XCheckpoint:
         try:
             return read_array(self.step_dir, self._leaf(key), index, dtype)
         except ValueError as error:
-            raise ValueError(f"{self.source}: parameter {key!r}: {error}") from error
+            raise SoftpromptError(f"{self.source}: parameter {key!r}: {error}") from error
 
     def read_all(self, dtype: Any = None) -> dict:
         """The whole params tree as nested dicts of numpy arrays."""
@@ -111,7 +112,7 @@ def tensorstore_spec(step_dir: str, spec: Mapping) -> dict:
     # tensorstore < 0.1.14 specs put the path at the top level; both parts may be present.
     parts = [p for p in (stored.get("path", ""), spec.pop("path", "")) if p]
     if not parts:
-        raise ValueError(f"{step_dir}: TensorStore spec has no path: {dict(spec)}")
+        raise SoftpromptError(f"{step_dir}: TensorStore spec has no path: {dict(spec)}")
     kvstore = kvstore_spec(step_dir)
     kvstore["path"] = _as_dir(posixpath.join(kvstore["path"], *parts))
     spec["kvstore"] = kvstore
@@ -133,13 +134,13 @@ def open_checkpoint(path: str | os.PathLike) -> T5XCheckpoint:
     # Version >= 2 wraps the train state in 'optimizer'; older files are a bare flax state dict.
     optimizer = state.get("optimizer") if isinstance(version, int) and version >= 2 else state
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("target"), dict):
-        raise ValueError(
+        raise SoftpromptError(
             f"{file}: no 'optimizer/target' params in this T5X checkpoint "
             f"(top-level keys: {sorted(map(str, state))})"
         )
     leaves = _decode_target(optimizer["target"], file)
     if not leaves:
-        raise ValueError(f"{file}: 'optimizer/target' holds no parameters")
+        raise SoftpromptError(f"{file}: 'optimizer/target' holds no parameters")
     step = (optimizer.get("state") or {}).get("step")
     if isinstance(step, msgpack.ExtType):
         step = _decode_ext(step, f"{file} [state/step]")
@@ -181,14 +182,14 @@ def read_array(
         try:
             array = (store if index is None else store[index]).read().result()
         except ValueError as error:
-            raise ValueError(
+            raise SoftpromptError(
                 f"cannot read zarr array {_location(step_dir, leaf)}: {_ts_message(error)}"
             ) from error
     if dtype is None:
         return array
     if not jnp.issubdtype(array.dtype, jnp.floating):
         where = "inline array" if isinstance(leaf, np.ndarray) else _location(step_dir, leaf)
-        raise ValueError(
+        raise SoftpromptError(
             f"{step_dir}: {where} is stored as {array.dtype}, not floating point; "
             f"refusing to cast it to {dtype} (T5X version 2 stored bf16 as uint16)"
         )
@@ -210,10 +211,12 @@ def save_t5x_checkpoint(
     """
     model_dir = str(model_dir)
     if _GCS.fullmatch(model_dir):
-        raise ValueError(f"{model_dir}: writing to gs:// is not supported; write locally and copy")
+        raise SoftpromptError(
+            f"{model_dir}: writing to gs:// is not supported; write locally and copy"
+        )
     final = os.path.join(model_dir, f"checkpoint_{step}")
     if os.path.exists(final):
-        raise FileExistsError(f"{final} already exists; T5X never overwrites a step")
+        raise SoftpromptError(f"{final} already exists; T5X never overwrites a step")
     os.makedirs(model_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"checkpoint_{step}.tmp-", dir=model_dir)
     try:
@@ -252,9 +255,9 @@ def _read_file(directory: str, name: str) -> bytes:
     try:
         result = ts.KvStore.open(kvstore_spec(directory)).result().read(name).result()
     except ValueError as error:
-        raise OSError(f"{location}: cannot read: {_ts_message(error)}") from error
+        raise SoftpromptError(f"{location}: cannot read: {_ts_message(error)}") from error
     if result.state != "value":
-        raise FileNotFoundError(f"{location}: no such T5X checkpoint file")
+        raise SoftpromptError(f"{location}: no such T5X checkpoint file")
     return bytes(result.value)
 
 
@@ -263,9 +266,11 @@ def _unpack(raw: bytes, file: str) -> dict:
     try:
         state = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException) as error:
-        raise ValueError(f"{file}: not a valid T5X msgpack checkpoint: {error}") from error
+        raise SoftpromptError(f"{file}: not a valid T5X msgpack checkpoint: {error}") from error
     if not isinstance(state, dict):
-        raise ValueError(f"{file}: expected a msgpack map at the top, got {type(state).__name__}")
+        raise SoftpromptError(
+            f"{file}: expected a msgpack map at the top, got {type(state).__name__}"
+        )
     return state
 
 
@@ -283,7 +288,7 @@ def _decode_target(tree: dict, file: str, prefix: str = "") -> dict[str, Leaf]:
         elif isinstance(node, dict):
             leaves.update(_decode_target(node, file, f"{key}/"))
         else:
-            raise ValueError(
+            raise SoftpromptError(
                 f"{where}: expected an array or a TensorStore spec, got {type(node).__name__}"
             )
     return leaves
@@ -292,7 +297,7 @@ def _decode_target(tree: dict, file: str, prefix: str = "") -> dict[str, Leaf]:
 def _decode_ext(ext: msgpack.ExtType, where: str) -> np.ndarray:
     """Flax ndarray ext: msgpack `[shape, dtype name, C-order bytes]`."""
     if ext.code not in (_EXT_NDARRAY, _EXT_NPSCALAR):
-        raise ValueError(
+        raise SoftpromptError(
             f"{where}: unsupported msgpack ext type {ext.code} "
             f"(expected a flax ndarray, code 1 or 3)"
         )
@@ -301,7 +306,7 @@ def _decode_ext(ext: msgpack.ExtType, where: str) -> np.ndarray:
         dtype = jnp.dtype(dtype_name.decode("ascii"))
         return np.frombuffer(buffer, dtype).reshape([int(d) for d in shape]).copy()
     except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as error:
-        raise ValueError(f"{where}: corrupt inline array: {error}") from error
+        raise SoftpromptError(f"{where}: corrupt inline array: {error}") from error
 
 
 def _unchunk(node: dict, where: str) -> np.ndarray:
@@ -311,7 +316,7 @@ def _unchunk(node: dict, where: str) -> np.ndarray:
         chunks = [_decode_ext(node["chunks"][str(i)], where) for i in range(len(node["chunks"]))]
         return np.concatenate(chunks).reshape(shape)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{where}: corrupt chunked inline array: {error}") from error
+        raise SoftpromptError(f"{where}: corrupt chunked inline array: {error}") from error
 
 
 def _location(step_dir: str, spec: Mapping) -> str:
@@ -325,7 +330,7 @@ def _open(step_dir: str, spec: Mapping) -> ts.TensorStore:
     try:
         return ts.open(tensorstore_spec(step_dir, spec), open=True, read=True).result()
     except ValueError as error:
-        raise ValueError(
+        raise SoftpromptError(
             f"cannot open zarr array {_location(step_dir, spec)}: {_ts_message(error)}"
         ) from error
 
