@@ -20,6 +20,7 @@ import numpy as np
 
 from softprompt_jax.checkpoints.prompt_files import load_prompt
 from softprompt_jax.model import T5, T5Config
+from softprompt_jax.prompt_bank import PromptBank
 
 # Logical axes for the partitioner; both map to "replicated" (the prompt is tiny).
 PROMPT_AXES = ("prompt_length", "embed")
@@ -147,37 +148,55 @@ def _num_regular_ids(vocab: Vocabulary | None) -> int:
 
 
 def prepend_prompt(
-    prompt: jax.Array, embeddings: jax.Array, mask: jax.Array, prompt_ids: jax.Array | None = None
+    prompt: jax.Array | PromptBank,
+    embeddings: jax.Array,
+    mask: jax.Array,
+    prompt_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`[prompt; embeddings]` and `[ones; mask]`: one prompt for all, or one per example.
+    """`[prompt; embeddings]` and `[prompt mask; mask]`: one prompt for all, or one per example.
 
-    `prompt` is `[P, d]` (shared) or a bank `[N, P, d]` with `prompt_ids` `[batch]`
-    picking a row per example (a gather, so it runs under jit with no Python loop).
-    The prompt is cast to the embeddings' (compute) dtype.
+    `prompt` is `[P, d]` (shared), or a bank with `prompt_ids` `[batch]` picking a prompt per
+    example (a gather, so it runs under jit with no Python loop): an array `[N, P, d]`, or a
+    `PromptBank` of prompts of any lengths, padded on the left with masked rows. The prompt
+    is cast to the embeddings' (compute) dtype.
     """
     batch = embeddings.shape[0]
-    if prompt.ndim == 2:
+    if isinstance(prompt, PromptBank):
+        padded, padded_mask = prompt.padded()
+        per_example = jnp.take(padded, _bank_ids(padded.shape, prompt_ids, batch), axis=0)
+        prompt_mask = jnp.take(padded_mask, prompt_ids, axis=0).astype(mask.dtype)
+    elif prompt.ndim == 2:
         if prompt_ids is not None:
             raise ValueError(f"prompt_ids given but prompt has shape {prompt.shape}, not a bank")
         per_example = jnp.broadcast_to(prompt, (batch, *prompt.shape))
+        prompt_mask = jnp.ones((batch, prompt.shape[0]), mask.dtype)
     elif prompt.ndim == 3:
-        if prompt_ids is None or prompt_ids.shape != (batch,):
-            got = None if prompt_ids is None else prompt_ids.shape
-            raise ValueError(
-                f"a prompt bank {prompt.shape} needs prompt_ids of shape ({batch},), got {got}"
-            )
-        per_example = jnp.take(prompt, prompt_ids, axis=0)
+        per_example = jnp.take(prompt, _bank_ids(prompt.shape, prompt_ids, batch), axis=0)
+        prompt_mask = jnp.ones((batch, prompt.shape[1]), mask.dtype)
     else:
         raise ValueError(f"prompt must be [length, emb_dim] or a bank, got shape {prompt.shape}")
     if per_example.shape[-1] != embeddings.shape[-1]:
         raise ValueError(
             f"prompt has emb_dim {per_example.shape[-1]}; the model's is {embeddings.shape[-1]}"
         )
-    prompt_mask = jnp.ones((batch, per_example.shape[1]), mask.dtype)
     return (
         jnp.concatenate([per_example.astype(embeddings.dtype), embeddings], axis=1),
         jnp.concatenate([prompt_mask, mask], axis=1),
     )
+
+
+def prompt_length(prompt: jax.Array | PromptBank) -> int:
+    """Encoder positions the prompt takes: its length, or a bank's longest."""
+    return max(prompt.lengths) if isinstance(prompt, PromptBank) else prompt.shape[-2]
+
+
+def _bank_ids(bank_shape: tuple[int, ...], prompt_ids: jax.Array | None, batch: int) -> jax.Array:
+    if prompt_ids is None or prompt_ids.shape != (batch,):
+        got = None if prompt_ids is None else prompt_ids.shape
+        raise ValueError(
+            f"a prompt bank {tuple(bank_shape)} needs prompt_ids of shape ({batch},), got {got}"
+        )
+    return prompt_ids
 
 
 def prompted_apply(
@@ -206,7 +225,7 @@ def prompted_apply(
         encoder_input_embeddings=embeddings,
         encoder_mask=mask,
         enable_dropout=enable_dropout,
-        undropped_prefix=0 if prompt_dropout else prompt.shape[-2],
+        undropped_prefix=0 if prompt_dropout else prompt_length(prompt),
     )
 
 

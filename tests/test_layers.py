@@ -80,11 +80,15 @@ def test_no_import_cycle_between_layers():
 
 def test_the_model_and_the_prompt_code_know_nothing_above_them():
     graph = layer_graph()
-    assert graph[f"{PACKAGE}.model"] == set()
-    assert graph[f"{PACKAGE}.prompts"] <= {f"{PACKAGE}.model", f"{PACKAGE}.checkpoints"}
-    below_model = {f"{PACKAGE}.model", f"{PACKAGE}.storage", f"{PACKAGE}.partitioning"}
-    assert graph[f"{PACKAGE}.partitioning"] <= below_model
-    assert graph[f"{PACKAGE}.checkpoints"] <= below_model
+    layers = lambda *names: {f"{PACKAGE}.{name}" for name in names}
+    utilities = layers("storage", "errors")
+    assert graph[f"{PACKAGE}.model"] <= utilities
+    beside_model = layers("model", "partitioning") | utilities
+    assert graph[f"{PACKAGE}.partitioning"] <= beside_model
+    assert graph[f"{PACKAGE}.checkpoints"] <= beside_model
+    prompt_layer = beside_model | layers("checkpoints")
+    assert graph[f"{PACKAGE}.prompt_bank"] <= prompt_layer
+    assert graph[f"{PACKAGE}.prompts"] <= prompt_layer | layers("prompt_bank")
 
 
 def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():

@@ -67,14 +67,15 @@ def adafactor(config: AdafactorConfig = AdafactorConfig()) -> optax.GradientTran
 def prompt_labels(tree: object) -> object:
     """Label each leaf `prompt` or `frozen`: a bare array, or any leaf under a `prompt` key.
 
-    The train state hands the optimizer the prompt array itself; if a whole tree
-    such as `{"prompt": ..., "params": ...}` is passed instead, everything not
-    under a key or attribute named `prompt` is frozen.
+    The train state hands the optimizer the prompt array (or `PromptBank`, whose arrays sit
+    under its `prompts` attribute) itself; if a whole tree such as a `PromptedT5`'s is
+    passed instead, everything not under a key or attribute named `prompt` is frozen.
     """
 
     def label(path: tuple, _leaf: object) -> str:
         names = {getattr(key, "key", getattr(key, "name", None)) for key in path}
-        return PROMPT_LABEL if not path or PROMPT_LABEL in names else FROZEN_LABEL
+        is_prompt = not path or names & {PROMPT_LABEL, "prompts"}
+        return PROMPT_LABEL if is_prompt else FROZEN_LABEL
 
     return jax.tree_util.tree_map_with_path(label, tree)
 

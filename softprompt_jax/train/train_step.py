@@ -18,6 +18,7 @@ import optax
 
 from softprompt_jax.losses import LossConfig, prompt_loss
 from softprompt_jax.model import T5Config
+from softprompt_jax.prompt_bank import PromptBank
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -27,15 +28,15 @@ class PromptTrainState(flax.struct.PyTreeNode):
     """What training changes: the prompt (or bank), its optimizer state and the step."""
 
     step: jax.Array
-    prompt: jax.Array
+    prompt: jax.Array | PromptBank
     opt_state: optax.OptState
 
 
 def init_train_state(
-    prompt: jax.Array, optimizer: optax.GradientTransformation
+    prompt: jax.Array | PromptBank, optimizer: optax.GradientTransformation
 ) -> PromptTrainState:
-    """A step-0 train state; the prompt and its slots are float32."""
-    prompt = jnp.asarray(prompt, jnp.float32)
+    """A step-0 train state; the prompt (or each prompt of a bank) and its slots are float32."""
+    prompt = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), prompt)
     return PromptTrainState(
         step=jnp.zeros((), jnp.int32), prompt=prompt, opt_state=optimizer.init(prompt)
     )
