@@ -10,16 +10,31 @@ resolved against the packaged gin/ folder) and `--gin.NAME=VALUE`, e.g.
         --gin.TASK_FEATURE_LENGTHS="{'inputs': 512, 'targets': 8}" \\
         --gin.CLASS_LABELS="['True', 'False']"
 
-Bad input ends with one line naming what is wrong and exit status 2.
+A user mistake (a bad file, setting or input) ends with one line naming what is wrong and
+exit status 2; anything else is a bug and keeps its traceback (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator
+
+from softprompt_jax.errors import SoftpromptError
 
 GIN_COMMANDS = {"train": "train", "eval": "evaluate", "infer": "infer"}
+# What TensorFlow and CUDA write to the process's stderr while TensorFlow starts: absl's C++
+# INFO and WARNING lines (written before absl::InitializeLog, which TF_CPP_MIN_LOG_LEVEL does
+# not reach) and the errors of a machine without a GPU driver. Other lines pass.
+_STARTUP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+    r"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\]"
+    r"|E\d{4} .*(failed call to cuInit|Unable to register cu\w+ factory))"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +81,7 @@ def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
         if arg.startswith("--gin."):
             binding = arg.removeprefix("--gin.")
             if "=" not in binding:
-                raise ValueError(f"gin flag {arg!r} must look like --gin.NAME=VALUE")
+                raise SoftpromptError(f"gin flag {arg!r} must look like --gin.NAME=VALUE")
             bindings.append(binding)
         else:
             rest.append(arg)
@@ -91,20 +106,45 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> int:
         args.coordinator_address, args.num_processes, args.process_id, auto=args.multihost
     )
     if not args.gin_file:
-        raise ValueError(f"{args.command} needs at least one --gin_file")
-    gin_config.parse(args.gin_file, bindings, args.gin_search_path)
-    getattr(gin_config, GIN_COMMANDS[args.command])()
+        raise SoftpromptError(f"{args.command} needs at least one --gin_file")
+    entry = GIN_COMMANDS[args.command]
+    gin_config.parse(args.gin_file, bindings, args.gin_search_path, entry=entry)
+    getattr(gin_config, entry)()
     return 0
 
 
 def _quiet_tensorflow() -> None:
-    """TensorFlow only feeds data here: keep it off the GPU and out of the console."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import absl.logging
-    import tensorflow as tf
+    """TensorFlow only feeds data here: keep it off the GPU and its start-up lines off the console.
 
-    tf.config.set_visible_devices([], "GPU")
+    Runs before anything imports TensorFlow: its log level is read once, at import.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _native_stderr_without(_STARTUP_NOISE):
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    import absl.logging
+
     absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+@contextlib.contextmanager
+def _native_stderr_without(noise: re.Pattern) -> Iterator[None]:
+    """Hold what reaches file descriptor 2 meanwhile (C++ libraries write there, not to
+    `sys.stderr`), then pass on every line but those matching `noise`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not noise.search(line)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
         rest, bindings = _split_gin_bindings(argv)
-    except ValueError as error:
+    except SoftpromptError as error:
         parser.error(str(error))
     args = parser.parse_args(rest)
     if bindings and args.command not in GIN_COMMANDS:
@@ -120,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     try:
         return _run(args, bindings)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except SoftpromptError as error:  # a user mistake; anything else is a bug: traceback
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0]
         print(f"softprompt-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
 

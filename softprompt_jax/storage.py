@@ -9,6 +9,7 @@ its upload completes, so a plain write is already all-or-nothing there.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from etils import epath
+
+from softprompt_jax.errors import SoftpromptError
 
 PathLike = str | os.PathLike
 
@@ -49,6 +52,32 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: PathLike) -> None:
+    """Fail now, not after the compute, if files cannot be written in local `folder`.
+
+    Creates the missing folders and a probe file in the last, then removes all of them.
+    """
+    if not is_local(folder):
+        return
+    folder = Path(os.path.abspath(folder))
+    if folder.exists() and not folder.is_dir():
+        raise SoftpromptError(f"cannot write to {folder}: it is a file, not a folder")
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        culprit = f" ({error.filename})" if error.filename not in (None, str(folder)) else ""
+        raise SoftpromptError(
+            f"cannot write to {folder}: {error.strerror or error}{culprit}"
+        ) from error
+    finally:
+        for path in missing:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:

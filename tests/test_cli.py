@@ -40,10 +40,10 @@ def frozen_model(tmp_path_factory) -> Path:
 
 
 def gin_flags(model: Path, **macros) -> list[str]:
+    """The flags every command takes, and `macros` (TASK_FEATURE_LENGTHS: train and infer)."""
     flags = [
         f"--gin.INITIAL_CHECKPOINT_PATH='{model}'",
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
-        f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
         "--gin.PROMPT_LENGTH=4",
     ]
     return flags + [f"--gin.{name}={value}" for name, value in macros.items()]
@@ -54,7 +54,14 @@ def train_argv(model: Path, model_dir: Path, steps: int, **macros) -> list[str]:
         "train",
         "--gin_file=models/t5_1_1_tiny.gin",
         "--gin_file=runs/prompt_finetune.gin",
-        *gin_flags(model, MODEL_DIR=f"'{model_dir}'", TRAIN_STEPS=steps, BATCH_SIZE=4, **macros),
+        *gin_flags(
+            model,
+            MODEL_DIR=f"'{model_dir}'",
+            TASK_FEATURE_LENGTHS=LENGTHS,
+            TRAIN_STEPS=steps,
+            BATCH_SIZE=4,
+            **macros,
+        ),
     ]
 
 
@@ -108,12 +115,15 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
             frozen_model,
             PROMPT_FILE=f"'{exported}'",
             INFER_OUTPUT_FILE=f"'{predictions}'",
+            TASK_FEATURE_LENGTHS=LENGTHS,
             INFER_EXAMPLES=5,
         ),
     ]
     assert cli.main(argv) == 0
     lines = read_jsonl(predictions)
-    assert len(lines) == 5 and all(set(line) == {"inputs", "prediction"} for line in lines)
+    assert len(lines) == 5
+    assert all(set(line) == {"inputs", "prediction", "truncated"} for line in lines)
+    assert not any(line["truncated"] for line in lines)  # 16 input tokens hold every demo input
     # Sampling from the single best token is greedy decoding, whatever the temperature.
     sampled = tmp_path / "sampled.jsonl"
     argv = [
@@ -124,6 +134,7 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
             frozen_model,
             PROMPT_FILE=f"'{exported}'",
             INFER_OUTPUT_FILE=f"'{sampled}'",
+            TASK_FEATURE_LENGTHS=LENGTHS,
             INFER_EXAMPLES=5,
             INFER_TEMPERATURE=2.0,
             INFER_TOP_K=1,

@@ -17,6 +17,7 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 from softprompt_jax import storage
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.train.metrics_writer import METRICS_FILE, MetricsWriter
 from softprompt_jax.train.state_checkpoints import (
     NUMPY_DIR,
@@ -84,6 +85,15 @@ def test_failed_local_write_keeps_the_old_file(tmp_path):
         storage.write_bytes_atomic(path, "not bytes")  # fails inside the write
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+
+
+def test_check_writable_probes_and_leaves_nothing_behind(tmp_path):
+    storage.check_writable(tmp_path / "new" / "folders")
+    assert list(tmp_path.iterdir()) == []  # the folders it made for the probe are gone
+    (tmp_path / "a_file").write_text("in the way")
+    with pytest.raises(SoftpromptError, match=f"cannot write to {tmp_path / 'a_file' / 'out'}"):
+        storage.check_writable(tmp_path / "a_file" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_metrics_jsonl_is_appended_in_the_bucket(bucket):
