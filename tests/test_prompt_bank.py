@@ -85,24 +85,31 @@ def test_each_example_of_a_mixed_batch_sees_only_its_own_prompt(params, bank):
         )
 
 
-def test_a_bank_trains_like_each_prompt_alone(params, bank):
-    """Per-prompt Adafactor statistics, clipping and weight decay: the bank is a pytree of
-    separate arrays, and T5X's summed loss gives each prompt the gradient of its examples."""
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_bank_trains_like_each_prompt_alone(params, bank, stacked):
+    """Per-prompt Adafactor statistics, clipping and weight decay: a `PromptBank` is a pytree
+    of separate arrays, a stacked `[N, P, d]` bank gets a vmapped optimizer; T5X's summed
+    loss gives each prompt the gradient of its own examples."""
+    if stacked:  # equal lengths: the first 3 rows of each prompt
+        prompts = jnp.stack([p[:3] for p in bank.prompts])
+        start, own = prompts, lambda tree, k: tree[k]
+    else:
+        start, own = bank, lambda tree, k: tree.prompts[k]
     optimizer = make_optimizer(AdafactorConfig(step_offset=1_100_000))
     loss = LossConfig(z_loss=1e-4, normalization="sum", enable_dropout=False)
     step = jax.jit(make_train_step(CFG, optimizer, loss))
     rng = jax.random.PRNGKey(0)
-    joint = init_train_state(bank, optimizer)
-    alone = {name: init_train_state(bank[name], optimizer) for name in bank.names}
+    joint = init_train_state(start, optimizer)
+    alone = [init_train_state(own(start, k), optimizer) for k in range(len(bank.names))]
     for seed in range(4):
         batch = make_batch(seed)
         joint, _ = step(joint, params, {**batch, "prompt_ids": bank.ids(NAMES)}, rng)
-        for name in bank.names:
+        for k, name in enumerate(bank.names):
             mine = [i for i, n in enumerate(NAMES) if n == name]
-            alone[name], _ = step(alone[name], params, rows(batch, mine), rng)
-    for name in bank.names:
-        np.testing.assert_allclose(joint.prompt[name], alone[name].prompt, rtol=0, atol=1e-5)
-        assert not np.allclose(joint.prompt[name], bank[name], atol=1e-3)
+            alone[k], _ = step(alone[k], params, rows(batch, mine), rng)
+    for k in range(len(bank.names)):
+        np.testing.assert_allclose(own(joint.prompt, k), alone[k].prompt, rtol=0, atol=1e-5)
+        assert not np.allclose(own(joint.prompt, k), own(start, k), atol=1e-3)
 
 
 @pytest.mark.parametrize("file_name", ["bank.safetensors", "bank_dir"])

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-PROMPT_LABEL, FROZEN_LABEL = "prompt", "frozen"
+PROMPT_LABEL, BANK_LABEL, FROZEN_LABEL = "prompt", "bank", "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,17 +65,18 @@ def adafactor(config: AdafactorConfig = AdafactorConfig()) -> optax.GradientTran
 
 
 def prompt_labels(tree: object) -> object:
-    """Label each leaf `prompt` or `frozen`: a bare array, or any leaf under a `prompt` key.
+    """Label each leaf `prompt`, `bank` (a stacked `[N, P, d]` prompt bank) or `frozen`.
 
     The train state hands the optimizer the prompt array (or `PromptBank`, whose arrays sit
     under its `prompts` attribute) itself; if a whole tree such as a `PromptedT5`'s is
     passed instead, everything not under a key or attribute named `prompt` is frozen.
     """
 
-    def label(path: tuple, _leaf: object) -> str:
+    def label(path: tuple, leaf: object) -> str:
         names = {getattr(key, "key", getattr(key, "name", None)) for key in path}
-        is_prompt = not path or names & {PROMPT_LABEL, "prompts"}
-        return PROMPT_LABEL if is_prompt else FROZEN_LABEL
+        if path and not names & {PROMPT_LABEL, "prompts"}:
+            return FROZEN_LABEL
+        return BANK_LABEL if jnp.ndim(leaf) == 3 else PROMPT_LABEL
 
     return jax.tree_util.tree_map_with_path(label, tree)
 
@@ -92,14 +93,35 @@ def prompt_only(optimizer: optax.GradientTransformation) -> optax.GradientTransf
     """`optimizer` on the prompt leaves of any tree; every other leaf stays bit-identical.
 
     Prompt leaves are a bare array, or any leaf under a key named `prompt` (a `PromptedT5`
-    tree's `encoder/prompt/prompt/prompt`). Other leaves get no optimizer state and an
+    tree's `encoder/prompt/prompt/prompt`); a 3-D one is a stacked bank, each of whose
+    prompts gets its own optimizer state (`per_prompt`). Other leaves get no optimizer state and an
     update of -0.0, which `optax.apply_updates` adds as an exact identity (+0.0 would turn
     a -0.0 weight into +0.0). Their gradients are never read, so under `jax.jit` XLA drops
     the weight-gradient computation. Not `optax.masked` alone: that passes the raw
     gradients of masked-out leaves through as their updates, which moves them.
     """
     return optax.transforms.partition(
-        {PROMPT_LABEL: optimizer, FROZEN_LABEL: _keep_unchanged()}, prompt_labels
+        {
+            PROMPT_LABEL: optimizer,
+            BANK_LABEL: per_prompt(optimizer),
+            FROZEN_LABEL: _keep_unchanged(),
+        },
+        prompt_labels,
+    )
+
+
+def per_prompt(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` run on each prompt of a stacked `[N, P, d]` bank on its own (vmapped).
+
+    Adafactor's moments, update clipping and weight decay are then per prompt, so a prompt
+    trained in a stacked bank moves as it would alone on the same examples.
+    """
+
+    def over_prompts(fn):  # a tree without banks (all masked out) has nothing to map over
+        return lambda tree, *rest: (jax.vmap(fn) if jax.tree.leaves(tree) else fn)(tree, *rest)
+
+    return optax.GradientTransformation(
+        over_prompts(optimizer.init), over_prompts(optimizer.update)
     )
 
 
