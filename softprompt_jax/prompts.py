@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softprompt_jax.checkpoints.prompt_files import load_prompt
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model import T5, T5Config
 from softprompt_jax.prompt_bank import PromptBank
 
@@ -68,9 +69,11 @@ def init_prompt(
     The same arguments and `seed` always give the same prompt.
     """
     if method not in INIT_METHODS:
-        raise ValueError(f"unknown prompt init method {method!r}; expected one of {INIT_METHODS}")
+        raise SoftpromptError(
+            f"unknown prompt init method {method!r}; expected one of {INIT_METHODS}"
+        )
     if length <= 0:
-        raise ValueError(f"prompt length must be positive, got {length}")
+        raise SoftpromptError(f"prompt length must be positive, got {length}")
     if method == "random_uniform":
         dim = emb_dim if emb_dim is not None else _embedding_table(params).shape[1]
         rng = np.random.default_rng(seed)
@@ -78,21 +81,23 @@ def init_prompt(
     table = _embedding_table(params)
     if method == "file":
         if path is None:
-            raise ValueError("init_prompt('file') needs path=")
+            raise SoftpromptError("init_prompt('file') needs path=")
         return load_prompt(path, expected_shape=(length, table.shape[1]))
     prompt = _sampled_vocab(table, length, vocab, seed, population_size)
     if method == "class_labels":
         if vocab is None or not labels:
-            raise ValueError("init_prompt('class_labels') needs vocab= and a non-empty labels=")
+            raise SoftpromptError(
+                "init_prompt('class_labels') needs vocab= and a non-empty labels="
+            )
         if len(labels) > length:
-            raise ValueError(
+            raise SoftpromptError(
                 f"{len(labels)} class labels do not fit in a prompt of length {length}"
             )
         rows = [_embed(table, _encode(vocab, label)).mean(axis=0) for label in labels]
         prompt = prompt.at[: len(rows)].set(jnp.stack(rows))
     elif method == "text":
         if vocab is None or not text:
-            raise ValueError("init_prompt('text') needs vocab= and a non-empty text=")
+            raise SoftpromptError("init_prompt('text') needs vocab= and a non-empty text=")
         rows = _embed(table, _encode(vocab, text)[:length])
         prompt = prompt.at[: rows.shape[0]].set(rows)
     return prompt
@@ -103,7 +108,7 @@ def _embedding_table(params: Mapping[str, Any] | None) -> jax.Array:
     try:
         return params["token_embedder"]["embedding"]
     except (KeyError, TypeError):
-        raise ValueError(
+        raise SoftpromptError(
             "this prompt initialiser needs params= with params['token_embedder']['embedding'] "
             "(random_uniform takes emb_dim= instead)"
         ) from None
@@ -118,7 +123,7 @@ def _encode(vocab: Vocabulary, text: str) -> list[int]:
     """Token ids of `text` without EOS; an empty encoding is an error."""
     ids = list(vocab.encode(text))
     if not ids:
-        raise ValueError(f"the vocabulary encodes {text!r} to no tokens")
+        raise SoftpromptError(f"the vocabulary encodes {text!r} to no tokens")
     return ids
 
 
@@ -129,7 +134,7 @@ def _sampled_vocab(
     end = min(population_size, table.shape[0], _num_regular_ids(vocab))
     population = np.arange(FIRST_REGULAR_ID, end)
     if population.size == 0:
-        raise ValueError(
+        raise SoftpromptError(
             f"no regular token ids to sample: population_size={population_size}, "
             f"embedding rows={table.shape[0]}"
         )
@@ -167,16 +172,20 @@ def prepend_prompt(
         prompt_mask = jnp.take(padded_mask, prompt_ids, axis=0).astype(mask.dtype)
     elif prompt.ndim == 2:
         if prompt_ids is not None:
-            raise ValueError(f"prompt_ids given but prompt has shape {prompt.shape}, not a bank")
+            raise SoftpromptError(
+                f"prompt_ids given but prompt has shape {prompt.shape}, not a bank"
+            )
         per_example = jnp.broadcast_to(prompt, (batch, *prompt.shape))
         prompt_mask = jnp.ones((batch, prompt.shape[0]), mask.dtype)
     elif prompt.ndim == 3:
         per_example = jnp.take(prompt, _bank_ids(prompt.shape, prompt_ids, batch), axis=0)
         prompt_mask = jnp.ones((batch, prompt.shape[1]), mask.dtype)
     else:
-        raise ValueError(f"prompt must be [length, emb_dim] or a bank, got shape {prompt.shape}")
+        raise SoftpromptError(
+            f"prompt must be [length, emb_dim] or a bank, got shape {prompt.shape}"
+        )
     if per_example.shape[-1] != embeddings.shape[-1]:
-        raise ValueError(
+        raise SoftpromptError(
             f"prompt has emb_dim {per_example.shape[-1]}; the model's is {embeddings.shape[-1]}"
         )
     return (
@@ -193,7 +202,7 @@ def prompt_length(prompt: jax.Array | PromptBank) -> int:
 def _bank_ids(bank_shape: tuple[int, ...], prompt_ids: jax.Array | None, batch: int) -> jax.Array:
     if prompt_ids is None or prompt_ids.shape != (batch,):
         got = None if prompt_ids is None else prompt_ids.shape
-        raise ValueError(
+        raise SoftpromptError(
             f"a prompt bank {tuple(bank_shape)} needs prompt_ids of shape ({batch},), got {got}"
         )
     return prompt_ids

@@ -158,6 +158,13 @@ def test_gin_typos_and_wrong_types_are_named(frozen_model, tmp_path, capsys, fla
     assert not run.exists()
 
 
+def test_a_prompt_setting_mistake_is_one_line(frozen_model, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = gin_flags(frozen_model, MODEL_DIR=f"'{run}'", TASK_FEATURE_LENGTHS=LENGTHS)
+    assert cli.main(["train", *TRAIN_FILES, *flags, "--gin.PromptSpec.method='uniform'"]) == 2
+    assert "unknown prompt init method 'uniform'" in one_error_line(capsys, "train")
+
+
 def test_a_macro_the_command_does_not_use_is_named(frozen_model, prompt_file, tmp_path, capsys):
     """TASK_FEATURE_LENGTHS means nothing to eval: it would be silently ignored."""
     argv = eval_argv(frozen_model, prompt_file, tmp_path / "out", TASK_FEATURE_LENGTHS=LENGTHS)
