@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
         path.write_bytes(data)
         return
     local = Path(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.tmp-")
+    tmp = local.parent / f".{local.name}.tmp-{secrets.token_hex(8)}"
+    # Created as open() would (0o666 less the umask), not 0o600 as tempfile.mkstemp makes it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

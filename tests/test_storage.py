@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -85,6 +86,21 @@ def test_failed_local_write_keeps_the_old_file(tmp_path):
         storage.write_bytes_atomic(path, "not bytes")  # fails inside the write
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+
+
+@pytest.mark.parametrize(
+    "umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)], ids=["022", "002", "077"]
+)
+def test_atomic_writes_get_the_permissions_open_gives(tmp_path, umask, mode):
+    """0o666 less the umask, as open() creates files; not tempfile.mkstemp's 0o600."""
+    old = os.umask(umask)
+    try:
+        storage.write_text_atomic(tmp_path / "best.json", "{}")
+        storage.write_npy_atomic(tmp_path / "prompt.npy", np.zeros((2, 3), np.float32))
+    finally:
+        os.umask(old)
+    for name in ("best.json", "prompt.npy"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode
 
 
 def test_check_writable_probes_and_leaves_nothing_behind(tmp_path):
