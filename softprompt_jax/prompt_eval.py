@@ -14,6 +14,7 @@ import jax
 import seqio
 
 from softprompt_jax import inference
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.tasks import evaluation as task_evaluation
 
@@ -47,7 +48,7 @@ def evaluate_prompt(
     """
     examples = task_evaluation.load_examples(task, split, feature_lengths, max_examples)
     if not examples:
-        raise ValueError(f"task {task!r} has no examples in split {split!r}")
+        raise SoftpromptError(f"task {task!r} has no examples in split {split!r}")
     lengths = dict(feature_lengths or full_lengths(examples))
     score_fn = inference.make_score_fn(cfg, params, prompt)
     if is_rank_task(task):

@@ -312,6 +312,13 @@ def test_batch_size_must_be_positive(frozen_model, prompt_file, tmp_path, capsys
         assert f"batch size (BATCH_SIZE) must be a positive integer, got {size}" in err
 
 
+def test_eval_of_no_examples_is_one_line(frozen_model, prompt_file, tmp_path, capsys):
+    argv = eval_argv(frozen_model, prompt_file, tmp_path / "eval", EVAL_EXAMPLES=0)
+    assert cli.main(argv) == 2
+    err = one_error_line(capsys, "eval")
+    assert f"task '{TASK}' has no examples in split 'validation'" in err
+
+
 # --- strict JSON outputs -------------------------------------------------------------------------
 
 
