@@ -62,12 +62,24 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="start jax.distributed from the TPU pod's environment",
         )
-    export = commands.add_parser("export", help="export a run's prompt as .npy or PEFT")
+    export = commands.add_parser(
+        "export", help="export a run's prompt as .npy, PEFT or an official T5X checkpoint"
+    )
     export.add_argument("--model_dir", required=True)
     export.add_argument(
         "--output", required=True, help="a path ending in .npy, or a directory for the PEFT format"
     )
     export.add_argument("--step", default="latest", help="'latest', 'best' or a step number")
+    export.add_argument(
+        "--t5x",
+        action="store_true",
+        help="write --output as a T5X model dir in the official prompt-tuning layout "
+        "(checkpoint_<step>, the prompt at encoder/prompt/prompt/prompt)",
+    )
+    export.add_argument(
+        "--frozen_checkpoint",
+        help="with --t5x: also write this frozen model's weights, as the official code does",
+    )
     demo = commands.add_parser("demo", help="the offline prompt-tuning demo (CPU, minutes)")
     demo.add_argument("--workdir", default="softprompt_demo")
     demo.add_argument("--seed", type=int, default=0)
@@ -97,7 +109,9 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> int:
     if args.command == "export":
         from softprompt_jax.commands import export_prompt
 
-        export_prompt(args.model_dir, args.output, args.step)
+        export_prompt(
+            args.model_dir, args.output, args.step, t5x=args.t5x, frozen=args.frozen_checkpoint
+        )
         return 0
     from softprompt_jax import gin_config
     from softprompt_jax.partitioning import initialize_distributed

@@ -20,6 +20,7 @@ import numpy as np
 import seqio
 
 from softprompt_jax import inference, storage
+from softprompt_jax.checkpoints import official
 from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
 from softprompt_jax.errors import SoftpromptError
@@ -152,8 +153,22 @@ def infer(
     return path
 
 
-def export_prompt(model_dir: str, output: str, step: str = "latest") -> Path:
-    """Copy a run's prompt (`latest`, `best` or a step number) to `.npy` or a PEFT directory."""
+def export_prompt(
+    model_dir: str,
+    output: str,
+    step: str = "latest",
+    *,
+    t5x: bool = False,
+    frozen: str | None = None,
+) -> Path:
+    """Copy a run's prompt (`latest`, `best` or a step number) to `.npy` or a PEFT directory.
+
+    With `t5x`, `output` becomes a T5X model dir in the official prompt-tuning code's layout
+    (`checkpoint_<step>` with the prompt at `encoder/prompt/prompt/prompt`), holding also the
+    weights of the `frozen` checkpoint when given, as the official code's checkpoints do.
+    """
+    if frozen and not t5x:
+        raise SoftpromptError("--frozen_checkpoint only applies to --t5x exports")
     numpy_dir = Path(model_dir) / NUMPY_DIR
     steps = sorted(
         int(p.name.removeprefix("checkpoint_"))
@@ -177,7 +192,11 @@ def export_prompt(model_dir: str, output: str, step: str = "latest") -> Path:
     output_path = Path(output)
     storage.check_writable(output_path if output_path.suffix != ".npy" else output_path.parent)
     prompt = load_prompt(numpy_dir / f"checkpoint_{chosen}" / PROMPT_SIDECAR)
-    path = save_prompt(prompt, output)
+    if t5x:
+        frozen_params = load_pretrained(frozen, dtype="float32")[1] if frozen else None
+        path = Path(official.write_prompt(prompt, output_path, chosen, frozen_params))
+    else:
+        path = save_prompt(prompt, output)
     print(f"exported the prompt of step {chosen} {tuple(prompt.shape)} to {path}")
     return path
 

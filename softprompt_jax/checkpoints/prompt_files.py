@@ -3,6 +3,8 @@
 - `.npy` (google-research/prompt-tuning): `[length, emb_dim]` float32, C order.
 - Official sidecar: `numpy_checkpoints/checkpoint_<step>/encoder.prompt.prompt.prompt`,
   a `.npy` written without the suffix (pass the file or its directory).
+- Official T5X checkpoint: a step dir (or a model dir: its latest step) holding the whole
+  tree with the prompt at `encoder/prompt/prompt/prompt` (see `official.py`).
 - PEFT: a directory with `adapter_config.json` and `adapter_model.safetensors`
   holding `prompt_embeddings` `[num_virtual_tokens * num_transformer_submodules,
   emb_dim]`. For seq2seq models PEFT keeps 2 * length rows and feeds only the
@@ -23,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from softprompt_jax import storage
+from softprompt_jax.checkpoints import official
 from softprompt_jax.errors import SoftpromptError
 
 PEFT_CONFIG = "adapter_config.json"
@@ -54,7 +57,7 @@ def save_prompt(prompt: jax.Array | np.ndarray, path: str | Path) -> Path:
 
 
 def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None) -> jax.Array:
-    """Read a prompt (`.npy`, official sidecar file or dir, PEFT dir) as float32.
+    """Read a prompt (`.npy`, official sidecar or T5X checkpoint, PEFT dir) as float32.
 
     A prompt with NaN or infinite values is refused: it would only yield NaN scores.
     """
@@ -66,10 +69,13 @@ def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None)
         array = _load_npy(source)
     elif path.is_file():
         source, array = path, _load_npy(path)
+    elif official.holds_t5x_checkpoint(path):
+        source, array = official.read_prompt(path)
+        array = _as_float32(array, source)
     else:
         raise SoftpromptError(
-            f"{path}: not a prompt file, a PEFT adapter dir ({PEFT_CONFIG}) or an official "
-            f"numpy checkpoint dir ({OFFICIAL_SIDECAR})"
+            f"{path}: not a prompt file, a PEFT adapter dir ({PEFT_CONFIG}), an official "
+            f"numpy checkpoint dir ({OFFICIAL_SIDECAR}) or an official T5X checkpoint"
         )
     non_finite = array.size - int(np.isfinite(array).sum())
     if non_finite:

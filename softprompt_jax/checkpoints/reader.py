@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from softprompt_jax.checkpoints import huggingface, native, t5x_legacy
+from softprompt_jax.checkpoints import huggingface, native, official, t5x_legacy
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.network import param_shapes
@@ -60,7 +60,7 @@ def detect_format(path: str | os.PathLike) -> tuple[str, str]:
         any(local.glob("*.safetensors")) or (local / "model.safetensors.index.json").is_file()
     ):
         return HUGGINGFACE, location
-    steps = _t5x_steps(local)
+    steps = t5x_legacy.step_dirs(local)
     if steps:
         return T5X, str(steps[max(steps)])
     hint = " (config.json found but no *.safetensors weights)" if has_config else ""
@@ -81,10 +81,15 @@ def open_pretrained(path: str | os.PathLike) -> CheckpointReader:
 def model_view(
     reader: CheckpointReader, cfg: T5Config
 ) -> tuple[dict[str, tuple[int, ...]], Callable[[str, Index], np.ndarray]]:
-    """The checkpoint's params in `cfg`'s layer layout, checked against `cfg` before any read."""
-    shapes = reader.shapes()
+    """The checkpoint's params in `cfg`'s layer layout, checked against `cfg` before any read.
+
+    A prompt that the official prompt-tuning code saved inside its checkpoint is left out.
+    """
+    shapes = {k: v for k, v in reader.shapes().items() if not official.is_prompt_key(k)}
     check_shapes(shapes, cfg.replace(scan_layers=is_scanned(shapes)), reader.source)
-    for key, dtype in reader.dtypes().items():
+    dtypes = reader.dtypes()
+    for key in shapes:
+        dtype = dtypes[key]
         if not jnp.issubdtype(dtype, jnp.floating):  # e.g. T5X version 2's bf16 as uint16
             raise SoftpromptError(
                 f"{reader.source}: parameter {key!r} is stored as {dtype}, not floating point; "
@@ -130,13 +135,3 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: T5Config, source: str)
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
     return {key: tuple(s.shape) for key, s in flatten_dict(param_shapes(cfg), sep="/").items()}
-
-
-def _t5x_steps(model_dir: Path) -> dict[int, Path]:
-    """Finished `checkpoint_<N>` step dirs of a T5X model dir (in-progress `.tmp-` ones skipped)."""
-    steps = {}
-    for child in model_dir.iterdir():
-        match = t5x_legacy.STEP_DIR_PATTERN.fullmatch(child.name)
-        if match and (child / t5x_legacy.CHECKPOINT_FILE).is_file():
-            steps[int(match[1])] = child
-    return steps

@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.serialization
@@ -87,6 +88,16 @@ class T5XCheckpoint:
         if key not in self.leaves:
             raise KeyError(f"{self.source}: no parameter {key!r} in optimizer/target")
         return self.leaves[key]
+
+
+def step_dirs(model_dir: Path) -> dict[int, Path]:
+    """Finished `checkpoint_<N>` step dirs of a T5X model dir (in-progress `.tmp-` ones skipped)."""
+    steps = {}
+    for child in model_dir.iterdir():
+        match = STEP_DIR_PATTERN.fullmatch(child.name)
+        if match and (child / CHECKPOINT_FILE).is_file():
+            steps[int(match[1])] = child
+    return steps
 
 
 def step_dir_of(path: str | os.PathLike) -> str:
