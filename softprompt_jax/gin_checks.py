@@ -95,6 +95,8 @@ def _check_type(key: Key, parameter: str, value: Any) -> None:
     where = _setting(key, parameter)
     while isinstance(value, gin.config.ConfigurableReference) and _is_macro(value):
         where = _macro_name(value)
+        if (where, MACRO) not in gin.config._CONFIG:
+            return  # unset: the walk in `check_reachable` names it
         value = gin.config._CONFIG[(where, MACRO)]["value"]
     allowed = _scalar_types(_annotation(key, parameter))
     if allowed is None or isinstance(value, gin.config.ConfigurableReference):

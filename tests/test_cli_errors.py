@@ -144,6 +144,7 @@ def test_unknown_task_names_close_ones(frozen_model, prompt_file, tmp_path, caps
             "TRAIN_STEPS = '10' is a str, but train.train_steps takes an int",
         ),
         ("--gin.BATCH_SIZE=2.5", "BATCH_SIZE = 2.5 is a float, but train.batch_size takes an int"),
+        ("--gin.TRAIN_STEPS=%STEPS", "macro STEPS is not set (TRAIN_STEPS = %STEPS)"),
         (
             "--gin.train.train_step=3",
             "doesn't have a parameter named 'train_step'; did you mean train.train_steps",
