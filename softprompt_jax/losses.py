@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model import T5Config
 from softprompt_jax.prompts import prompted_logits
 
@@ -78,7 +79,9 @@ def weighted_cross_entropy(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Scalar loss and T5X-style metrics (`loss`, `z_loss`, `cross_ent_loss`, ...)."""
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"loss normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+        raise SoftpromptError(
+            f"loss normalization {normalization!r}; expected one of {NORMALIZATIONS}"
+        )
     per_token, z_term = token_cross_entropy(
         logits, targets, z_loss=z_loss, label_smoothing=label_smoothing
     )

@@ -12,7 +12,20 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from softprompt_jax.errors import SoftpromptError
+
 REMAT_POLICIES = ("none", "full", "save_dots")
+# How a run computes, not what the network is: the same weights serve any of these.
+RUN_TIME_FIELDS = frozenset(
+    {
+        "dropout_rate",
+        "broadcast_encoder_output_dropout",
+        "dtype",
+        "float32_attention_logits",
+        "scan_layers",
+        "remat_policy",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +62,12 @@ class T5Config:
         # gin and JSON hand us lists; the dataclass must stay hashable for jit.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(
+            raise SoftpromptError(
                 f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}"
             )
         for act in self.mlp_activations:
             if act not in ("gelu", "relu", "linear"):
-                raise ValueError(f"unknown MLP activation {act!r} in mlp_activations")
+                raise SoftpromptError(f"unknown MLP activation {act!r} in mlp_activations")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -66,12 +79,18 @@ class T5Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def architecture(self) -> dict:
+        """The fields that define the network and its weights (no run-time settings)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_TIME_FIELDS}
+
     @classmethod
     def from_dict(cls, values: dict) -> T5Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown T5Config keys {unknown}; known keys are {sorted(known)}")
+            raise SoftpromptError(
+                f"unknown T5Config keys {unknown}; known keys are {sorted(known)}"
+            )
         return cls(**values)
 
 
@@ -149,7 +168,9 @@ def get_config(name: str) -> T5Config:
     try:
         return NAMED_CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown model config {name!r}; known: {sorted(NAMED_CONFIGS)}") from None
+        raise SoftpromptError(
+            f"unknown model config {name!r}; known: {sorted(NAMED_CONFIGS)}"
+        ) from None
 
 
 def infer_config_from_shapes(
@@ -163,7 +184,7 @@ def infer_config_from_shapes(
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise ValueError(f"cannot infer the T5 config: parameter {key!r} is missing")
+            raise SoftpromptError(f"cannot infer the T5 config: parameter {key!r} is missing")
         return tuple(shapes[key])
 
     vocab_size, emb_dim = shape("token_embedder/embedding")

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from softprompt_jax.errors import SoftpromptError
+
 _STACKS = ("encoder", "decoder")
 
 Index = tuple[slice, ...]
@@ -53,7 +55,7 @@ def relayout(
         name, _, leaf = key.split("/", 2)
         names = [f"{name}/layers_{i}/{leaf}" for i in range(len(found))]
         if sorted(found) != sorted(names):
-            raise ValueError(f"{key}: layers are not numbered 0..N-1: found {sorted(found)}")
+            raise SoftpromptError(f"{key}: layers are not numbered 0..N-1: found {sorted(found)}")
         stacked = lambda index, names=names: stack(
             [read(names[i], index[1:]) for i in range(*index[0].indices(len(names)))]
         )

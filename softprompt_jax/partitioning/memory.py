@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict
 
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model import T5Config, param_shapes
 from softprompt_jax.model.config import param_dtype as stored_dtype
 from softprompt_jax.partitioning.rules import DATA, MODEL, Rules, standard_logical_axis_rules
@@ -68,7 +69,9 @@ def memory_plan(
     rules = standard_logical_axis_rules() if rules is None else rules
     data, model = mesh_shape
     if batch_size % data:
-        raise ValueError(f"batch size {batch_size} is not divisible by the data axis size {data}")
+        raise SoftpromptError(
+            f"batch size {batch_size} is not divisible by the data axis size {data}"
+        )
     sizes = {DATA: data, MODEL: model}
     return MemoryPlan(
         frozen_weights=_weight_bytes(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.partitioning.rules import DATA, MODEL
 
 
@@ -20,23 +21,23 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
     pool = list(jax.devices() if devices is None else devices)
     count = len(pool)
     if model < 1 or data == 0 or data < -1:
-        raise ValueError(
+        raise SoftpromptError(
             f"mesh sizes must be positive (data may be -1): data={data}, model={model}"
         )
     if data == -1:
         if count % model:
-            raise ValueError(
+            raise SoftpromptError(
                 f"model={model} does not divide the {count} available devices, so data=-1 "
                 "cannot fill the mesh"
             )
         data = count // model
     if data * model > count:
-        raise ValueError(
+        raise SoftpromptError(
             f"mesh data={data} x model={model} needs {data * model} devices; "
             f"only {count} are available"
         )
     if data * model < count and devices is None:
-        raise ValueError(
+        raise SoftpromptError(
             f"mesh data={data} x model={model} uses {data * model} of the {count} devices; "
             "use them all (data=-1 fills the data axis) or pass devices= to pick a subset"
         )

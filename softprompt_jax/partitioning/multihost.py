@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.partitioning.rules import Rules
 from softprompt_jax.partitioning.shardings import batch_sharding
 
@@ -83,7 +84,7 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """Examples this process feeds per step; checks the global batch fits the data axis."""
     data = mesh.shape["data"]
     if global_batch_size % data:
-        raise ValueError(
+        raise SoftpromptError(
             f"batch size {global_batch_size} is not divisible by the data axis size {data}"
         )
     _, shards = data_shard_info(mesh)
@@ -102,7 +103,7 @@ def global_batch(
         value = np.asarray(value)
         size = value.shape[0] * shards
         if size % data:
-            raise ValueError(
+            raise SoftpromptError(
                 f"feature {name!r}: global batch size {size} ({value.shape[0]} per process x "
                 f"{shards} data shards) is not divisible by the data axis size {data}"
             )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from softprompt_jax.errors import SoftpromptError
+
 DATA, MODEL = "data", "model"
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -72,7 +74,7 @@ def standard_logical_axis_rules(
     """
     key = (activation_partitioning_dims, parameter_partitioning_dims)
     if key not in _BASE:
-        raise ValueError(
+        raise SoftpromptError(
             f"activation_partitioning_dims={key[0]}, parameter_partitioning_dims={key[1]}: "
             "each must be 1 or 2"
         )

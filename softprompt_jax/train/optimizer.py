@@ -117,12 +117,15 @@ def per_prompt(optimizer: optax.GradientTransformation) -> optax.GradientTransfo
     trained in a stacked bank moves as it would alone on the same examples.
     """
 
-    def over_prompts(fn):  # a tree without banks (all masked out) has nothing to map over
-        return lambda tree, *rest: (jax.vmap(fn) if jax.tree.leaves(tree) else fn)(tree, *rest)
+    def init(params):  # no stacked bank in the tree (all masked out): no state at all
+        return jax.vmap(optimizer.init)(params) if jax.tree.leaves(params) else optax.EmptyState()
 
-    return optax.GradientTransformation(
-        over_prompts(optimizer.init), over_prompts(optimizer.update)
-    )
+    def update(updates, state, params=None):
+        if not jax.tree.leaves(updates):
+            return updates, state
+        return jax.vmap(optimizer.update)(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _keep_unchanged() -> optax.GradientTransformation:
