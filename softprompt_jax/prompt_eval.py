@@ -11,12 +11,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import seqio
 
 from softprompt_jax import inference
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.tasks import evaluation as task_evaluation
+from softprompt_jax.tasks.postprocessors import as_text
 
 
 def is_rank_task(task: str) -> bool:
@@ -68,3 +70,27 @@ def evaluate_prompt(
     scores = task_evaluation.score_examples(examples, score_fn, lengths, batch_size)
     num_tokens = sum(min(len(ex["targets"]), lengths["targets"]) for ex in examples)
     return {**metrics, "loss_per_token": float(-scores.sum() / max(num_tokens, 1))}
+
+
+def metric_names(task: str, split: str) -> set[str]:
+    """The names `evaluate_prompt` reports for `task`, without a model.
+
+    The task's own metric functions score one example of `split` as if predicted perfectly
+    (a rank task: with every candidate scored alike), so whatever keys they return are
+    found, and a missing split fails here rather than at the first evaluation.
+    """
+    examples = task_evaluation.load_examples(task, split, None, max_examples=1)
+    if not examples:
+        raise SoftpromptError(f"eval task {task!r} has no examples in split {split!r}")
+    if is_rank_task(task):
+        return set(
+            task_evaluation.rank_classification_metrics(
+                task,
+                examples,
+                lambda batch: np.zeros(len(batch["encoder_input_tokens"])),
+                full_lengths(examples),
+                batch_size=len(examples),
+            )
+        )
+    targets = [as_text(ex["targets_pretokenized"]) for ex in examples]
+    return {*task_evaluation.evaluate_predictions(task, examples, targets), "loss_per_token"}

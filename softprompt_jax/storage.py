@@ -22,6 +22,7 @@ from etils import epath
 from softprompt_jax.errors import SoftpromptError
 
 PathLike = str | os.PathLike
+TEMP_MARK = ".tmp-"  # a local atomic write's temporary sibling is `.<name>.tmp-<random>`
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -43,7 +44,7 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
         path.write_bytes(data)
         return
     local = Path(os.fspath(path))
-    tmp = local.parent / f".{local.name}.tmp-{secrets.token_hex(8)}"
+    tmp = local.parent / f".{local.name}{TEMP_MARK}{secrets.token_hex(8)}"
     # Created as open() would (0o666 less the umask), not 0o600 as tempfile.mkstemp makes it.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -55,6 +56,19 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(folder: PathLike) -> list[str]:
+    """Delete the temporary files that killed atomic writes left in `folder`; their names.
+
+    Only a local folder can hold them (a bucket object appears whole or not at all).
+    """
+    if not is_local(folder) or not os.path.isdir(folder):
+        return []
+    stray = sorted(Path(folder).glob(f".*{TEMP_MARK}*"))
+    for path in stray:
+        path.unlink(missing_ok=True)
+    return [str(path) for path in stray]
 
 
 def check_writable(folder: PathLike) -> None:

@@ -82,6 +82,15 @@ class StepMeter:
         finally:
             self._paused += time.perf_counter() - max(start, self._start)
 
+    def first_non_finite(self) -> tuple[int, float] | None:
+        """(steps back from the latest, loss) of the first NaN or infinite loss recorded, if any.
+
+        0 is the latest step. Waits for the device, so call it only where the loop syncs anyway.
+        """
+        losses = np.asarray(to_host(self.losses), dtype=np.float64).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(losses))
+        return (len(losses) - 1 - int(bad[0]), float(losses[bad[0]])) if bad.size else None
+
     def mean_loss(self) -> float:
         """The mean loss of the recorded steps (waits for the device)."""
         return float(np.mean(to_host(self.losses)))

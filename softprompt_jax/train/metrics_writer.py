@@ -1,7 +1,9 @@
 """Where training and evaluation numbers go: the console, `metrics.jsonl`, TensorBoard.
 
 `metrics.jsonl` gets one JSON object per logged step (`"kind": "train"`) and per
-evaluation (`"kind": "eval"`), so scripts read results without parsing logs.
+evaluation (`"kind": "eval"`), so scripts read results without parsing logs. Every line is
+valid JSON (a NaN or infinite value is written as null), and a resumed run first drops the
+records after the step it resumes from, so the file holds one history.
 Only process 0 writes; `model_dir` may be local or a `gs://` URL.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import sys
 import time
 
@@ -44,7 +47,7 @@ class MetricsWriter:
             "time": time.time(),
             **{k: _plain(v) for k, v in values.items()},
         }
-        storage.append_text(self.path, json.dumps(record) + "\n")
+        storage.append_text(self.path, json.dumps(record, allow_nan=False) + "\n")
         if self._summary is not None:
             import tensorflow as tf
 
@@ -60,9 +63,29 @@ class MetricsWriter:
                         )
             self._summary.flush()
 
+    def keep_until(self, step: int) -> list[dict]:
+        """Drop the records after `step` (a resumed run redoes them); the records kept.
+
+        A line cut short by a kill mid-append is dropped too. The file is rewritten
+        atomically, and only when something is dropped.
+        """
+        if not self.enabled or not self.path.exists():
+            return []
+        lines = self.path.read_text().splitlines()
+        kept = [(line, record) for line, record in map(_parsed, lines) if record is not None]
+        kept = [(line, record) for line, record in kept if record.get("step", 0) <= step]
+        if len(kept) < len(lines):
+            storage.write_text_atomic(self.path, "".join(line + "\n" for line, _ in kept))
+        return [record for _, record in kept]
+
     def console(self, line: str) -> None:
-        if self.enabled:
-            print(line, flush=True, file=sys.stdout)
+        console(line)
+
+
+def console(line: str) -> None:
+    """A progress line on stdout, from process 0 only."""
+    if jax.process_index() == 0:
+        print(line, flush=True, file=sys.stdout)
 
 
 def _scalar_metadata():
@@ -74,10 +97,20 @@ def _scalar_metadata():
 
 
 def _plain(value):
+    """A float for numbers (None for NaN and infinities, which JSON lacks); others as given."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return value
+    return number if math.isfinite(number) else None
+
+
+def _parsed(line: str) -> tuple[str, dict | None]:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line, None
+    return line, record if isinstance(record, dict) else None
 
 
 def format_eta(seconds: float) -> str:
