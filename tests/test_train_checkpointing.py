@@ -26,8 +26,9 @@ def state_at(step: int):
 def test_keeps_the_last_n_and_the_best(tmp_path):
     checkpointer = TrainCheckpointer(tmp_path, keep=2, best_metric="accuracy")
     accuracy = {1: 50.0, 2: 90.0, 3: 60.0, 4: 70.0, 5: 65.0}
-    for step, value in accuracy.items():
-        checkpointer.save(step, state_at(step), {"task": "t"}, {"accuracy": value})
+    for step, value in accuracy.items():  # each step is saved, then evaluated
+        checkpointer.save(step, state_at(step), {"task": "t"})
+        checkpointer.record_eval(step, {"accuracy": value})
     assert checkpointer.all_steps() == [2, 4, 5]  # best (2) and the last two
     assert best_step(tmp_path) == 2
     assert json.loads((tmp_path / "best.json").read_text())["value"] == 90.0
@@ -48,8 +49,14 @@ def test_min_mode_and_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         checkpointer.restore(state_at(0))
     for step, loss in {1: 3.0, 2: 1.0, 3: 2.0}.items():
-        checkpointer.save(step, state_at(step), {}, {"loss": loss})
+        checkpointer.save(step, state_at(step), {})
+        checkpointer.record_eval(step, {"loss": loss})
     assert checkpointer.all_steps() == [2, 3] and best_step(tmp_path) == 2
+    checkpointer.close()
+    # A rerun knows the best step from best.json and keeps protecting it.
+    reopened = TrainCheckpointer(tmp_path, keep=1, best_metric="loss", best_mode="min")
+    reopened.save(4, state_at(4), {})
+    assert reopened.all_steps() == [2, 4] and reopened.best_step() == 2
     with pytest.raises(ValueError, match="best_mode"):
         TrainCheckpointer(tmp_path / "other", best_mode="largest")
 

@@ -9,6 +9,7 @@ last finished checkpoint in `model_dir` and reproduces the uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,14 +17,14 @@ from typing import Any
 import jax
 import numpy as np
 import seqio
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
 
 from softprompt_jax import storage
 from softprompt_jax.checkpoints.sharded import load_sharded, read_config
+from softprompt_jax.errors import SoftpromptError, TrainingInterrupted
 from softprompt_jax.losses import LossConfig
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.partitioning import (
-    Rules,
     global_batch,
     local_batch_size,
     make_mesh,
@@ -37,10 +38,14 @@ from softprompt_jax.partitioning import (
 )
 from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.prompts import init_prompt
+from softprompt_jax.train import preflight
 from softprompt_jax.train.data import train_batches
 from softprompt_jax.train.hooks import Hook, Hooks, StepInfo, StepMeter
-from softprompt_jax.train.metrics_writer import MetricsWriter, format_eta
+from softprompt_jax.train.interrupts import StopRequests
+from softprompt_jax.train.metrics_writer import MetricsWriter, console, format_eta
 from softprompt_jax.train.optimizer import AdafactorConfig, make_optimizer
+from softprompt_jax.train.resume import make_run_info, repair_sidecars, restore_latest
+from softprompt_jax.train.run_lock import RunLock
 from softprompt_jax.train.state_checkpoints import TrainCheckpointer
 from softprompt_jax.train.train_step import init_train_state, make_train_step
 
@@ -56,6 +61,12 @@ class PromptSpec:
     path: str | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length <= 0:
+            raise SoftpromptError(
+                f"PROMPT_LENGTH (PromptSpec.length) must be a positive integer, got {self.length!r}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
@@ -65,24 +76,21 @@ class TrainResult:
     eval_metrics: dict[str, float]
 
 
-def load_frozen_model(
+def model_config(
     checkpoint_path: str,
     dtype: str,
     dropout_rate: float | None,
     overrides: Mapping[str, Any] | None,
-    mesh: Mesh,
-    rules: Rules | None = None,
-) -> tuple[T5Config, dict]:
-    """The frozen model in its compute dtype, each device holding only its slice.
+) -> T5Config:
+    """The checkpoint's config (read from metadata alone) with the run-time settings applied.
 
-    Run-time settings (dropout, scan, remat) are applied to the checkpoint's config;
-    a scanned model stacks the checkpoint's `layers_N` while loading.
+    Run-time settings: dropout, scan, remat (`overrides`); a scanned model stacks the
+    checkpoint's `layers_N` while loading.
     """
     changes = dict(overrides or {})
     if dropout_rate is not None:
         changes["dropout_rate"] = dropout_rate
-    cfg = read_config(checkpoint_path, dtype).replace(**changes)
-    return cfg, load_sharded(checkpoint_path, cfg, param_shardings(cfg, mesh, rules))
+    return read_config(checkpoint_path, dtype).replace(**changes)
 
 
 def make_prompt(spec: PromptSpec, params: dict, task: str) -> jax.Array:
@@ -167,94 +175,120 @@ def train(
 
     The frozen params are sharded over the device mesh; the prompt and its optimizer state
     are replicated and each process feeds its share of every global batch. Logging,
-    evaluation and checkpointing run as hooks after every N-th step and after the last.
+    checkpointing and evaluation run as hooks, in that order, after every N-th step and
+    after the last. What a caller can rely on when things go wrong:
+
+    - Settings (tasks, BEST_METRIC, lengths, periods, MODEL_DIR) are checked before anything
+      is written; a mistake raises SoftpromptError with one line.
+    - `model_dir` is locked for the run (`RunLock`; not on gs://): a second run refuses.
+    - A rerun resumes from the newest checkpoint that restores (a damaged one is set aside)
+      and refuses a checkpoint of another run (task, data, frozen model, prompt length);
+      it writes any missing numpy prompt and drops `metrics.jsonl` records after its step.
+    - A step is saved before it is evaluated; an evaluation a crash prevented runs on resume.
+    - SIGINT/SIGTERM (one process): the current step ends, a checkpoint is saved, one line is
+      printed and `TrainingInterrupted` (a KeyboardInterrupt) is raised.
+    - A NaN or infinite loss (checked at each log and before each save) raises
+      SoftpromptError naming the step and the last good checkpoint; nothing bad is saved.
     """
-    for name, value in (
-        ("train_steps", train_steps),
-        ("batch_size", batch_size),
-        ("log period", logging.period),
-        ("eval period", evaluation.period),
-        ("checkpoint period", checkpointing.period),
-    ):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    # Everything that can fail on bad input happens before anything is written.
+    eval_task = evaluation.task or task
+    _check_settings(
+        model_dir,
+        task,
+        eval_task,
+        feature_lengths,
+        train_steps,
+        batch_size,
+        evaluation,
+        checkpointing,
+        logging,
+    )
     device_mesh = make_mesh(mesh.data, mesh.model)
     rules = standard_logical_axis_rules(
         mesh.activation_partitioning_dims, mesh.parameter_partitioning_dims
     )
-    cfg, params = load_frozen_model(
-        checkpoint_path, dtype, dropout_rate, model_overrides, device_mesh, rules
-    )
     local_batch = local_batch_size(batch_size, device_mesh)
-    tx = make_optimizer(optimizer)
-    state = place(init_train_state(make_prompt(prompt, params, task), tx), replicated(device_mesh))
-    model_dir_path = storage.as_path(model_dir)
-    model_dir_path.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
-    run_info = {
-        "task": task,
-        "seed": seed,
-        "batch_size": batch_size,
-        "feature_lengths": dict(feature_lengths),
-    }
-    checkpointer = TrainCheckpointer(
-        model_dir_path,
-        keep=checkpointing.keep,
-        best_metric=checkpointing.best_metric,
-        best_mode=checkpointing.best_mode,
-    )
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state, saved_info = checkpointer.restore(state, start_step)
-        _check_resumable(saved_info, run_info, model_dir_path)
-        writer.console(f"resuming from step {start_step} in {model_dir_path}")
-
-    meter = StepMeter()
-    hooks = Hooks()
-    hooks.add(_log_hook(writer, meter, batch_size), every=logging.period)
-    hooks.add(
-        _eval_hook(writer, cfg, params, task, batch_size, evaluation), every=evaluation.period
-    )
-    hooks.add(_checkpoint_hook(checkpointer, run_info), every=checkpointing.period)
-
-    step_fn = partitioned_train_step(
-        make_train_step(cfg, tx, loss),
-        device_mesh,
-        param_shardings(cfg, device_mesh, rules),
-        rules=rules,
-    )
-    rng = place(jax.random.PRNGKey(seed), replicated(device_mesh))
-    batches = train_batches(
-        task,
-        feature_lengths,
-        local_batch,
+    cfg = model_config(checkpoint_path, dtype, dropout_rate, model_overrides)
+    run_info = make_run_info(
+        task=task,
         seed=seed,
-        start_step=start_step,
-        shard_info=seqio_shard_info(device_mesh),
+        batch_size=batch_size,
+        feature_lengths=feature_lengths,
+        checkpoint_path=checkpoint_path,
+        model=cfg,
+        prompt_length=prompt.length,
     )
-    writer.console(
-        f"training a {prompt.length}-token prompt on {task}: steps {start_step}->{train_steps}, "
-        f"batch {batch_size}, model {cfg.emb_dim}d x {cfg.num_encoder_layers} layers ({dtype}), "
-        f"mesh data={device_mesh.shape['data']} x model={device_mesh.shape['model']}"
-    )
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:  # the other processes of a multi-host run follow it
+            stack.enter_context(RunLock(model_dir))
+        console(f"loading the frozen model from {checkpoint_path}")
+        params = load_sharded(checkpoint_path, cfg, param_shardings(cfg, device_mesh, rules))
+        tx = make_optimizer(optimizer)
+        state = place(
+            init_train_state(make_prompt(prompt, params, task), tx), replicated(device_mesh)
+        )
+        model_dir_path = storage.as_path(model_dir)
+        writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
+        checkpointer = TrainCheckpointer(
+            model_dir_path,
+            keep=checkpointing.keep,
+            best_metric=checkpointing.best_metric,
+            best_mode=checkpointing.best_mode,
+        )
+        stack.callback(checkpointer.close)
+        start_step, state, records = _resume(checkpointer, state, run_info, writer)
 
-    latest: dict[str, Any] = {}  # the latest of what the hooks produced
-    for step in range(start_step, train_steps):
-        batch = global_batch(next(batches), device_mesh, rules)
-        state, metrics = step_fn(state, params, batch, rng)
-        meter.record(metrics["loss"])
-        if step == start_step:  # the first step compiles: keep it out of throughput and ETA
-            jax.block_until_ready(state)
-            writer.console(f"compiled the train step and ran step {step + 1}")
-            meter.restart_clock()
-        info = StepInfo(step + 1, train_steps, state, results={})
-        with meter.paused():
-            hooks.run(info)
-        latest.update(info.results)
-    if start_step >= train_steps:
-        writer.console(f"{model_dir_path} already holds step {start_step} >= {train_steps}")
-    checkpointer.close()
+        meter = StepMeter()
+        evaluate = _eval_hook(writer, checkpointer, cfg, params, task, batch_size, evaluation)
+        hooks = Hooks()
+        hooks.add(_log_hook(writer, meter, batch_size, checkpointer), every=logging.period)
+        hooks.add(_checkpoint_hook(checkpointer, run_info, meter), every=checkpointing.period)
+        hooks.add(evaluate, every=evaluation.period)
+        latest: dict[str, Any] = {}  # the latest of what the hooks produced
+        if _missed_evaluation(records, start_step, train_steps, evaluation.period):
+            info = StepInfo(start_step, train_steps, state, results={})
+            evaluate(info)
+            latest.update(info.results)
+
+        step_fn = partitioned_train_step(
+            make_train_step(cfg, tx, loss),
+            device_mesh,
+            param_shardings(cfg, device_mesh, rules),
+            rules=rules,
+        )
+        rng = place(jax.random.PRNGKey(seed), replicated(device_mesh))
+        batches = train_batches(
+            task,
+            feature_lengths,
+            local_batch,
+            seed=seed,
+            start_step=start_step,
+            shard_info=seqio_shard_info(device_mesh),
+        )
+        writer.console(
+            f"training a {prompt.length}-token prompt on {task}: "
+            f"steps {start_step}->{train_steps}, batch {batch_size}, "
+            f"model {cfg.emb_dim}d x {cfg.num_encoder_layers} layers ({dtype}), "
+            f"mesh data={device_mesh.shape['data']} x model={device_mesh.shape['model']}"
+        )
+        with StopRequests() as stop:
+            for step in range(start_step, train_steps):
+                if stop.signal:
+                    _save_and_stop(checkpointer, run_info, meter, step, state, stop.signal, writer)
+                batch = global_batch(next(batches), device_mesh, rules)
+                if step == start_step:
+                    writer.console("compiling the train step (the first step takes longer)")
+                state, metrics = step_fn(state, params, batch, rng)
+                meter.record(metrics["loss"])
+                if step == start_step:  # the compile stays out of throughput and ETA
+                    jax.block_until_ready(state)
+                    writer.console(f"compiled the train step and ran step {step + 1}")
+                    meter.restart_clock()
+                info = StepInfo(step + 1, train_steps, state, results={})
+                with meter.paused():
+                    hooks.run(info)
+                latest.update(info.results)
+        if start_step >= train_steps:
+            writer.console(f"{model_dir_path} already holds step {start_step} >= {train_steps}")
     return TrainResult(
         max(start_step, train_steps),
         to_host(state.prompt),
@@ -263,10 +297,73 @@ def train(
     )
 
 
-def _log_hook(writer: MetricsWriter, meter: StepMeter, batch_size: int) -> Hook:
+def _check_settings(
+    model_dir: str,
+    task: str,
+    eval_task: str,
+    feature_lengths: Mapping[str, int],
+    train_steps: int,
+    batch_size: int,
+    evaluation: EvalConfig,
+    checkpointing: CheckpointConfig,
+    logging: LogConfig,
+) -> None:
+    """Every setting a run uses late, checked before anything is loaded or written."""
+    preflight.check_model_dir(model_dir)
+    preflight.check_positive(
+        {
+            "TRAIN_STEPS": train_steps,
+            "BATCH_SIZE": batch_size,
+            "LogConfig.period": logging.period,
+            "EVAL_PERIOD (EvalConfig.period)": evaluation.period,
+            "CheckpointConfig.period": checkpointing.period,
+            "CheckpointConfig.keep": checkpointing.keep,
+        }
+    )
+    preflight.check_feature_lengths("TASK_FEATURE_LENGTHS", feature_lengths)
+    preflight.check_feature_lengths("EVAL_FEATURE_LENGTHS", evaluation.feature_lengths)
+    preflight.check_task("MIXTURE_OR_TASK_NAME", task)
+    preflight.check_task("EVAL_TASK", eval_task)
+    preflight.check_evaluation(
+        eval_task, evaluation.split, checkpointing.best_metric, checkpointing.best_mode
+    )
+
+
+def _resume(
+    checkpointer: TrainCheckpointer, state: Any, run_info: dict, writer: MetricsWriter
+) -> tuple[int, Any, list[dict]]:
+    """The step and state to go on from, and the metrics records up to that step.
+
+    The run directory is made whole first: stray temporary files removed, damaged
+    checkpoints set aside, missing numpy prompts written, later metrics records dropped.
+    """
+    for path in checkpointer.remove_temporaries():
+        writer.console(f"removed {path}, left by a write that was killed")
+    start_step, state = restore_latest(checkpointer, state, run_info, writer.console)
+    repair_sidecars(checkpointer, state, writer.console)
+    records = writer.keep_until(start_step)
+    if start_step:
+        writer.console(f"resuming from step {start_step} in {checkpointer.model_dir}")
+    return start_step, state, records
+
+
+def _missed_evaluation(records: list[dict], start_step: int, train_steps: int, period: int) -> bool:
+    """Whether the step resumed from was due an evaluation that a crash or kill prevented."""
+    due = start_step > 0 and (start_step % period == 0 or start_step == train_steps)
+    if not due:
+        return False
+    recorded = any(r.get("kind") == "eval" and r.get("step") == start_step for r in records)
+    # Process 0 alone reads metrics.jsonl; every process must agree to evaluate.
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(not recorded)))
+
+
+def _log_hook(
+    writer: MetricsWriter, meter: StepMeter, batch_size: int, checkpointer: TrainCheckpointer
+) -> Hook:
     """Mean loss, examples/s and ETA since the last log, to the console and metrics.jsonl."""
 
     def log(info: StepInfo) -> None:
+        _check_finite(meter, info, checkpointer)
         loss = meter.mean_loss()
         values, line = {"loss": loss}, f"step {info.step}/{info.last_step}  loss {loss:.4f}"
         seconds_per_step = meter.seconds_per_step()
@@ -282,15 +379,29 @@ def _log_hook(writer: MetricsWriter, meter: StepMeter, batch_size: int) -> Hook:
     return log
 
 
+def _checkpoint_hook(checkpointer: TrainCheckpointer, run_info: dict, meter: StepMeter) -> Hook:
+    """Save the state, if its losses and prompt are finite, before anything evaluates it."""
+
+    def save(info: StepInfo) -> None:
+        _check_finite(meter, info, checkpointer)
+        checkpointer.save(info.step, info.state, run_info)
+
+    return save
+
+
 def _eval_hook(
     writer: MetricsWriter,
+    checkpointer: TrainCheckpointer,
     cfg: T5Config,
     params: dict,
     task: str,
     train_batch_size: int,
     config: EvalConfig,
 ) -> Hook:
-    """The task's metrics for the current prompt, left in `info.results["eval_metrics"]`."""
+    """The task's metrics for the current prompt, left in `info.results["eval_metrics"]`.
+
+    They are also recorded with the step's checkpoint, to pick the best step.
+    """
     eval_task = config.task or task
 
     def evaluate(info: StepInfo) -> None:
@@ -307,27 +418,51 @@ def _eval_hook(
         )
         writer.console(f"eval at step {info.step}: " + _format_metrics(metrics))
         writer.write("eval", info.step, {"split": config.split, **metrics})
+        checkpointer.record_eval(info.step, metrics)
         info.results["eval_metrics"] = metrics
 
     return evaluate
 
 
-def _checkpoint_hook(checkpointer: TrainCheckpointer, run_info: dict) -> Hook:
-    """Save the state; this step's eval metrics (if it evaluated) decide the best step."""
+def _check_finite(meter: StepMeter, info: StepInfo, checkpointer: TrainCheckpointer) -> None:
+    """Stop on a NaN or infinite loss or prompt, before it reaches a checkpoint or a log.
 
-    def save(info: StepInfo) -> None:
-        checkpointer.save(info.step, info.state, run_info, info.results.get("eval_metrics"))
+    Reading the losses waits for the device, so this runs only where the loop syncs anyway.
+    """
+    bad = meter.first_non_finite()
+    what = None
+    if bad is not None:
+        steps_back, loss = bad
+        what = f"loss is {loss} at step {info.step - steps_back}"
+    elif not np.isfinite(to_host(info.state.prompt)).all():
+        what = f"the prompt is not finite after step {info.step}"
+    if what is not None:
+        last = checkpointer.latest_step()
+        raise SoftpromptError(
+            f"{what}; the last good checkpoint is step {last}"
+            if last is not None
+            else f"{what}; no checkpoint was saved before it"
+        )
 
-    return save
 
-
-def _check_resumable(saved: dict, current: dict, model_dir: storage.PathLike) -> None:
-    for key in ("task", "seed", "batch_size", "feature_lengths"):
-        if saved.get(key) != current[key]:
-            raise ValueError(
-                f"{model_dir} holds a run with {key}={saved.get(key)!r}, but this run asks for "
-                f"{key}={current[key]!r}; use another model_dir or the same settings"
-            )
+def _save_and_stop(
+    checkpointer: TrainCheckpointer,
+    run_info: dict,
+    meter: StepMeter,
+    step: int,
+    state: Any,
+    signal_name: str,
+    writer: MetricsWriter,
+) -> None:
+    """On a stop request after `step`: save it (unless saved or bad), say so, and stop."""
+    info = StepInfo(step, step, state, results={})
+    _check_finite(meter, info, checkpointer)
+    checkpointer.save(step, state, run_info)
+    writer.console(
+        f"interrupted at step {step} ({signal_name}); checkpoint saved; "
+        "run the same command to resume"
+    )
+    raise TrainingInterrupted(step)
 
 
 def _format_metrics(metrics: Mapping[str, float]) -> str:
