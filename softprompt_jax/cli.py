@@ -11,7 +11,8 @@ resolved against the packaged gin/ folder) and `--gin.NAME=VALUE`, e.g.
         --gin.CLASS_LABELS="['True', 'False']"
 
 A user mistake (a bad file, setting or input) ends with one line naming what is wrong and
-exit status 2; anything else is a bug and keeps its traceback (exit status 1).
+exit status 2; anything else is a bug and keeps its traceback (exit status 1). A training
+run stopped by SIGINT/SIGTERM saves a checkpoint, says so and exits with status 130.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
-from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.errors import SoftpromptError, TrainingInterrupted
 
 GIN_COMMANDS = {"train": "train", "eval": "evaluate", "infer": "infer"}
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 # What TensorFlow and CUDA write to the process's stderr while TensorFlow starts: absl's C++
 # INFO and WARNING lines (written before absl::InitializeLog, which TF_CPP_MIN_LOG_LEVEL does
 # not reach) and the errors of a machine without a GPU driver. Other lines pass.
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
         print(f"softprompt-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except TrainingInterrupted:  # the trainer saved a checkpoint and said so in one line
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

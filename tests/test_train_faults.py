@@ -475,7 +475,8 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(
     reader.join(timeout=300)
     process.wait(timeout=60)
     text = "".join(output)
-    assert process.returncode != 0, text[-3000:]
+    assert process.returncode == cli.EXIT_INTERRUPTED, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
     stopped = [int(m.group(1)) for m in INTERRUPTED.finditer(text)]
     assert len(stopped) == 1, text[-3000:]
     step = stopped[0]
