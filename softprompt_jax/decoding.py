@@ -1,4 +1,4 @@
-"""Autoregressive decoding with a key/value cache: greedy and temperature sampling.
+"""Autoregressive decoding with a key/value cache: greedy, temperature sampling, beam search.
 
 The encoder runs once (callers pass its output, prompt included, and mask);
 each step feeds one token through the decoder, whose self-attention keys and
@@ -17,6 +17,7 @@ from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.network import T5
 
 EOS_ID = 1
+NEG_INF = -1.0e7  # T5X's finite "minus infinity" for beams and slots that must not win
 
 
 class _LoopState(NamedTuple):
@@ -119,3 +120,154 @@ def _choose(logits: jax.Array, temperature: float, top_k: int, rng: jax.Array) -
         threshold = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class _BeamState(NamedTuple):
+    step: jax.Array  # tokens decoded so far
+    live_seqs: jax.Array  # [batch, beams, 1 + max_length]: BOS 0, then tokens; best beam first
+    live_log_probs: jax.Array  # [batch, beams] float32, descending
+    finished_seqs: jax.Array  # [batch, beams, 1 + max_length], EOS kept, zeros after
+    finished_scores: jax.Array  # [batch, beams] log-prob / brevity penalty, descending
+    finished_flags: jax.Array  # [batch, beams] whether the slot holds a finished sequence
+    cache: dict  # rows [batch * beams], beam index fastest
+
+
+def brevity_penalty(alpha: float, length: jax.Array | int) -> jax.Array:
+    """T5X's length normaliser `((5 + length) / 6) ** alpha`; finished log-probs divide by it."""
+    return jnp.power((5.0 + length) / 6.0, alpha)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "max_length", "num_beams", "alpha", "num_decodes")
+)
+def beam_search(
+    cfg: T5Config,
+    params: dict,
+    encoded: jax.Array,
+    encoder_mask: jax.Array,
+    *,
+    max_length: int,
+    num_beams: int,
+    alpha: float = 0.6,
+    num_decodes: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search as T5X's `beam_search`; returns the best `num_decodes` per row, best first.
+
+    Returns `(sequences [batch, num_decodes, max_length] int32, scores [batch, num_decodes]
+    float32)`. A beam that emits EOS is finished: its score is its log-prob divided by
+    `brevity_penalty(alpha, length)` (length counts EOS) and it stays in the finished set
+    (EOS kept, zeros after). The search stops at `max_length` or once no live beam can beat
+    the worst finished one. A row with no finished sequence returns its live beams with raw
+    log-probs; slots a row could not fill score `NEG_INF` and hold zeros. Unlike T5X (best
+    last), results are sorted best first.
+    """
+    if not 1 <= num_decodes <= num_beams:
+        raise ValueError(f"num_decodes must be in [1, num_beams={num_beams}], got {num_decodes}")
+    batch = encoded.shape[0]
+    encoded = jnp.repeat(encoded, num_beams, axis=0)
+    encoder_mask = jnp.repeat(encoder_mask, num_beams, axis=0)
+    init = _beam_init(
+        batch, num_beams, max_length, init_cache(cfg, params, encoded, encoder_mask, max_length)
+    )
+    batch_axis = 1 if cfg.scan_layers else 0  # scanned layers stack the cache on axis 0
+
+    def body(state: _BeamState) -> _BeamState:
+        tokens = jax.lax.dynamic_index_in_dim(state.live_seqs, state.step, 2, keepdims=False)
+        logits, cache = _decode_step(
+            cfg, params, state.cache, encoded, encoder_mask, tokens.reshape(-1, 1), max_length
+        )
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return _beam_step(state, log_probs.reshape(batch, num_beams, -1), cache, alpha, batch_axis)
+
+    def not_done(state: _BeamState) -> jax.Array:
+        return (state.step < max_length) & ~_search_settled(state, alpha, max_length)
+
+    return _beam_results(jax.lax.while_loop(not_done, body, init), num_decodes)
+
+
+def _beam_init(batch: int, beams: int, max_length: int, cache: dict) -> _BeamState:
+    """One live beam per row (the others start at NEG_INF) and an empty finished set."""
+    seqs = jnp.zeros((batch, beams, 1 + max_length), jnp.int32)
+    scores = jnp.full((batch, beams), NEG_INF, jnp.float32)
+    return _BeamState(
+        step=jnp.array(0, jnp.int32),
+        live_seqs=seqs,
+        live_log_probs=scores.at[:, 0].set(0.0),
+        finished_seqs=seqs,
+        finished_scores=scores,
+        finished_flags=jnp.zeros((batch, beams), bool),
+        cache=cache,
+    )
+
+
+def _beam_step(
+    state: _BeamState, log_probs: jax.Array, cache: dict, alpha: float, batch_axis: int
+) -> _BeamState:
+    """Extend every live beam, keep the 2k best, split them into live and newly finished."""
+    batch, beams, vocab = log_probs.shape
+    totals = (log_probs + state.live_log_probs[..., None]).reshape(batch, beams * vocab)
+    # 2k candidates: even if k of them end with EOS, k remain to stay live.
+    cand_log_probs, flat = jax.lax.top_k(totals, 2 * beams)
+    parents, tokens = flat // vocab, flat % vocab
+    cand_seqs = jnp.take_along_axis(state.live_seqs, parents[..., None], axis=1)
+    cand_seqs = cand_seqs.at[:, :, state.step + 1].set(tokens)
+    # Extensions of the NEG_INF filler beams never count as finished.
+    ended = (tokens == EOS_ID) & (cand_log_probs > NEG_INF)
+
+    keep = jax.lax.top_k(jnp.where(ended, -jnp.inf, cand_log_probs), beams)[1]
+    rows = jnp.take_along_axis(parents, keep, axis=1) + beams * jnp.arange(batch)[:, None]
+    scores = jnp.where(ended, cand_log_probs / brevity_penalty(alpha, state.step + 1), NEG_INF)
+    finished = _merge_finished(state, cand_seqs, scores, ended)
+    return _BeamState(
+        state.step + 1,
+        jnp.take_along_axis(cand_seqs, keep[..., None], axis=1),
+        jnp.take_along_axis(cand_log_probs, keep, axis=1),
+        *finished,
+        _reorder_cache(cache, rows.reshape(-1), batch_axis),
+    )
+
+
+def _merge_finished(
+    state: _BeamState, seqs: jax.Array, scores: jax.Array, flags: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The best `beams` of the old finished set and the new candidates, by score."""
+    beams = state.finished_scores.shape[1]
+    all_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
+    top_scores, top = jax.lax.top_k(all_scores, beams)
+    all_seqs = jnp.concatenate([state.finished_seqs, seqs], axis=1)
+    all_flags = jnp.concatenate([state.finished_flags, flags], axis=1)
+    top_seqs = jnp.take_along_axis(all_seqs, top[..., None], axis=1)
+    return top_seqs, top_scores, jnp.take_along_axis(all_flags, top, axis=1)
+
+
+def _reorder_cache(cache: dict, rows: jax.Array, batch_axis: int) -> dict:
+    """Give each new beam its parent's keys and values: gather cache rows by flat beam index."""
+
+    def gather(path, x: jax.Array) -> jax.Array:
+        if getattr(path[-1], "key", None) == "cache_index":
+            return x
+        return jnp.take(x, rows, axis=batch_axis)
+
+    return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+def _search_settled(state: _BeamState, alpha: float, max_length: int) -> jax.Array:
+    """True when, in every row, no live beam can beat the worst finished sequence."""
+    # The largest penalty a live beam can still get bounds its best possible score.
+    penalty = jnp.maximum(
+        brevity_penalty(alpha, state.step + 1), brevity_penalty(alpha, max_length)
+    )
+    best_live = state.live_log_probs[:, :1] / penalty
+    worst_finished = jnp.min(state.finished_scores, axis=1, keepdims=True)
+    worst_finished = jnp.where(state.finished_flags, worst_finished, NEG_INF)
+    return jnp.all(worst_finished > best_live)
+
+
+def _beam_results(state: _BeamState, num_decodes: int) -> tuple[jax.Array, jax.Array]:
+    """Finished sequences (live ones for rows with none finished), first `num_decodes`."""
+    any_finished = jnp.any(state.finished_flags, axis=1, keepdims=True)
+    seqs = jnp.where(any_finished[..., None], state.finished_seqs, state.live_seqs)
+    scores = jnp.where(any_finished, state.finished_scores, state.live_log_probs)
+    filled = state.finished_flags | ~any_finished
+    seqs = jnp.where(filled[..., None], seqs, 0)
+    return seqs[:, :num_decodes, 1:], scores[:, :num_decodes]

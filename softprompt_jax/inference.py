@@ -42,7 +42,10 @@ def prompted_encode(
     return T5(cfg).apply({"params": params}, prompt, tokens, prompt_ids, method=_encode_with_prompt)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_length", "temperature", "top_k"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_length", "temperature", "top_k", "num_beams", "alpha"),
+)
 def predict_tokens(
     cfg: T5Config,
     params: Mapping[str, Any],
@@ -54,9 +57,20 @@ def predict_tokens(
     temperature: float = 0.0,
     top_k: int = 0,
     rng: jax.Array | None = None,
+    num_beams: int = 1,
+    alpha: float = 0.6,
 ) -> jax.Array:
-    """Decoded target ids `[batch, max_length]` (greedy unless `temperature > 0`)."""
+    """Decoded target ids `[batch, max_length]`, EOS kept and zeros after it.
+
+    Greedy unless `temperature > 0` (sampling) or `num_beams > 1` (beam search with
+    length penalty `alpha`, returning each row's best sequence).
+    """
     encoded, mask = prompted_encode(cfg, params, prompt, tokens, prompt_ids)
+    if num_beams > 1:
+        sequences, _ = decoding.beam_search(
+            cfg, params, encoded, mask, max_length=max_length, num_beams=num_beams, alpha=alpha
+        )
+        return sequences[:, 0]
     return decoding.decode(
         cfg,
         params,
