@@ -68,9 +68,15 @@ def _parser() -> argparse.ArgumentParser:
         "export", help="export a run's prompt as .npy, PEFT or an official T5X checkpoint"
     )
     export.add_argument("--model_dir", required=True)
-    export.add_argument(
-        "--output", required=True, help="a path ending in .npy, or a directory for the PEFT format"
+    written = export.add_mutually_exclusive_group(required=True)
+    written.add_argument(
+        "--output", help="a path ending in .npy, or a directory for the PEFT format"
     )
+    written.add_argument(
+        "--bank",
+        help="a PROMPT_PER_TASK run: every task's prompt as one bank (.safetensors or a folder)",
+    )
+    export.add_argument("--task", help="a PROMPT_PER_TASK run: the task whose prompt to export")
     export.add_argument("--step", default="latest", help="'latest', 'best' or a step number")
     export.add_argument(
         "--t5x",
@@ -112,7 +118,13 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> int:
         from softprompt_jax.commands import export_prompt
 
         export_prompt(
-            args.model_dir, args.output, args.step, t5x=args.t5x, frozen=args.frozen_checkpoint
+            args.model_dir,
+            args.output,
+            args.step,
+            t5x=args.t5x,
+            frozen=args.frozen_checkpoint,
+            task=args.task,
+            bank=args.bank,
         )
         return 0
     from softprompt_jax import gin_config

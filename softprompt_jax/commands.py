@@ -27,11 +27,7 @@ from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.tasks import evaluation as task_evaluation
 from softprompt_jax.train.metrics_writer import MetricsWriter
-from softprompt_jax.train.state_checkpoints import (
-    NUMPY_DIR,
-    PROMPT_SIDECAR,
-    best_step,
-)
+from softprompt_jax.train.run_prompts import read_run_bank, read_run_prompt
 
 
 def _load_model_and_prompt(checkpoint_path: str, prompt_file: str, dtype: str):
@@ -155,50 +151,52 @@ def infer(
 
 def export_prompt(
     model_dir: str,
-    output: str,
+    output: str | None,
     step: str = "latest",
     *,
     t5x: bool = False,
     frozen: str | None = None,
+    task: str | None = None,
+    bank: str | None = None,
 ) -> Path:
     """Copy a run's prompt (`latest`, `best` or a step number) to `.npy` or a PEFT directory.
 
     With `t5x`, `output` becomes a T5X model dir in the official prompt-tuning code's layout
     (`checkpoint_<step>` with the prompt at `encoder/prompt/prompt/prompt`), holding also the
     weights of the `frozen` checkpoint when given, as the official code's checkpoints do.
+    A run with one prompt per task (PROMPT_PER_TASK) exports `task`'s prompt, or with `bank`
+    instead of `output` all of them as one `PromptBank` (`best`: each task's best step).
     """
     if frozen and not t5x:
         raise SoftpromptError("--frozen_checkpoint only applies to --t5x exports")
-    numpy_dir = Path(model_dir) / NUMPY_DIR
-    steps = sorted(
-        int(p.name.removeprefix("checkpoint_"))
-        for p in numpy_dir.glob("checkpoint_*")
-        if p.name.removeprefix("checkpoint_").isdigit()
-    )
-    if not steps:
-        raise SoftpromptError(f"no prompt checkpoints under {numpy_dir}")
-    if step == "latest":
-        chosen = steps[-1]
-    elif step == "best":
-        chosen = best_step(model_dir)
-        if chosen is None:
-            raise SoftpromptError(f"{model_dir} records no best step (no eval metric was kept)")
-    elif step.isdigit():
-        chosen = int(step)
-        if chosen not in steps:
-            raise SoftpromptError(f"no prompt for step {chosen} in {numpy_dir}; have {steps}")
-    else:
-        raise SoftpromptError(f"--step {step!r}: expected 'latest', 'best' or a step number")
+    if (output is None) == (bank is None):
+        raise SoftpromptError("export writes one of --output (a prompt) and --bank (a bank)")
+    if bank is not None:
+        return _export_bank(model_dir, bank, step, t5x=t5x, task=task)
+    chosen, prompt = read_run_prompt(model_dir, step, task)
     output_path = Path(output)
     storage.check_writable(output_path if output_path.suffix != ".npy" else output_path.parent)
-    prompt = load_prompt(numpy_dir / f"checkpoint_{chosen}" / PROMPT_SIDECAR)
     if t5x:
         frozen_params = load_pretrained(frozen, dtype="float32")[1] if frozen else None
         path = Path(official.write_prompt(prompt, output_path, chosen, frozen_params))
     else:
         path = save_prompt(prompt, output)
-    print(f"exported the prompt of step {chosen} {tuple(prompt.shape)} to {path}")
+    whose = "" if task is None else f"{task} "
+    print(f"exported the {whose}prompt of step {chosen} {tuple(prompt.shape)} to {path}")
     return path
+
+
+def _export_bank(model_dir: str, output: str, step: str, *, t5x: bool, task: str | None) -> Path:
+    """All prompts of a per-task run as one bank: a `.safetensors` file or a folder of `.npy`."""
+    if t5x or task is not None:
+        raise SoftpromptError("--bank writes every task's prompt; it takes no --t5x or --task")
+    steps, prompts = read_run_bank(model_dir, step)
+    path = Path(output)
+    storage.check_writable(path.parent if path.suffix == ".safetensors" else path)
+    written = prompts.save(path)
+    chosen = ", ".join(f"{name} (step {n})" for name, n in steps.items())
+    print(f"exported the prompts of {chosen} to {written}")
+    return written
 
 
 def _check_batch_size(batch_size: int) -> None:

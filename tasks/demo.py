@@ -8,7 +8,9 @@ from scratch in a few hundred CPU steps. Registered tasks:
 
 - `demo_multitask`: all tasks interleaved, with prefixes (to pre-train a tiny T5 from scratch);
 - `demo_<name>`: one task with its prefix;
-- `taskless_demo_<name>`: one task without the prefix, so a prompt must learn which task it is.
+- `taskless_demo_<name>`: one task without the prefix, so a prompt must learn which task it is;
+- `demo_mixture`: a seqio Mixture of `demo_len`, `demo_max` and `demo_min` at equal rates (to
+  train one prompt per task in one run).
 
 Splits `train` (20,000 examples per task) and `validation` (500) come from different seeds.
 The metric is exact-match accuracy of the output string.
@@ -32,6 +34,7 @@ DEMO_TASKS: dict[str, Callable[[str], str]] = {
 SPLIT_SEEDS = {"train": 0, "validation": 1}
 SPLIT_SIZES = {"train": 20_000, "validation": 500}  # examples per task
 MIN_LETTERS, MAX_LETTERS = 3, 6
+DEMO_MIXTURE = "demo_mixture"
 
 VOCABULARY = seqio.ByteVocabulary()
 OUTPUT_FEATURES = {
@@ -88,11 +91,15 @@ def _add_task(name: str, task_names: Sequence[str], taskless: bool) -> None:
 
 
 def register_demo_tasks() -> list[str]:
-    """(Re)registers the demo tasks; returns their names."""
+    """(Re)registers the demo tasks and `demo_mixture`; returns the tasks' names."""
     names = ["demo_multitask"]
     _add_task("demo_multitask", tuple(DEMO_TASKS), taskless=False)
     for name in DEMO_TASKS:
         _add_task(f"demo_{name}", (name,), taskless=False)
         _add_task(f"taskless_demo_{name}", (name,), taskless=True)
         names += [f"demo_{name}", f"taskless_demo_{name}"]
+    seqio.MixtureRegistry.remove(DEMO_MIXTURE)
+    seqio.MixtureRegistry.add(
+        DEMO_MIXTURE, [f"demo_{name}" for name in DEMO_TASKS], default_rate=1.0
+    )
     return names

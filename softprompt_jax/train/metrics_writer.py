@@ -1,7 +1,8 @@
 """Where training and evaluation numbers go: the console, `metrics.jsonl`, TensorBoard.
 
 `metrics.jsonl` gets one JSON object per logged step (`"kind": "train"`) and per
-evaluation (`"kind": "eval"`), so scripts read results without parsing logs. Every line is
+evaluation (`"kind": "eval"`; with one prompt per task, one per task, naming it in
+`"task"`), so scripts read results without parsing logs. Every line is
 valid JSON (a NaN or infinite value is written as null), and a resumed run first drops the
 records after the step it resumes from, so the file holds one history.
 Only process 0 writes; `model_dir` may be local or a `gs://` URL.
@@ -38,7 +39,7 @@ class MetricsWriter:
                 )
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
-        """Append one JSON line and the matching TensorBoard scalars."""
+        """Append one JSON line and the matching TensorBoard scalars (`kind[/task]/name`)."""
         if not self.enabled:
             return
         record = {
@@ -51,13 +52,14 @@ class MetricsWriter:
         if self._summary is not None:
             import tensorflow as tf
 
+            prefix = "/".join([kind, *([record["task"]] if "task" in record else [])])
             with self._summary.as_default(step=step):
                 for name, value in record.items():
                     if name not in ("kind", "step", "time") and isinstance(value, float):
                         # `tf.summary.write` with the scalars plugin's metadata is what
                         # `tf.summary.scalar` does, without needing the tensorboard package.
                         tf.summary.write(
-                            f"{kind}/{name}",
+                            f"{prefix}/{name}",
                             tf.constant(value, tf.float32),
                             metadata=_scalar_metadata(),
                         )

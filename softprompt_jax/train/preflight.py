@@ -7,7 +7,7 @@ naming the setting (by its gin macro) and the value.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import seqio
 
@@ -63,4 +63,38 @@ def check_evaluation(task: str, split: str, best_metric: str | None, best_mode: 
         raise SoftpromptError(
             f"BEST_METRIC {best_metric!r} is not reported by eval task {task!r}; "
             f"it reports {sorted(names)}"
+        )
+
+
+def check_prompt_per_task(task: str, prompt_per_task: bool, eval_task: str | None) -> None:
+    """PROMPT_PER_TASK needs a mixture, and then each task is evaluated with its own prompt."""
+    if not prompt_per_task:
+        return
+    if not isinstance(seqio.get_mixture_or_task(task), seqio.Mixture):
+        raise SoftpromptError(
+            f"PROMPT_PER_TASK needs a seqio Mixture as MIXTURE_OR_TASK_NAME; {task!r} is a "
+            "single task"
+        )
+    if eval_task is not None:
+        raise SoftpromptError(
+            f"EVAL_TASK {eval_task!r} does not apply with PROMPT_PER_TASK: each task of "
+            f"{task!r} is evaluated with its own prompt"
+        )
+
+
+def check_labels(
+    labels: Sequence[str] | Mapping[str, Sequence[str]], tasks: Sequence[str] | None
+) -> None:
+    """Class labels by task (a dict) need one prompt per task, and labels for every task."""
+    if not isinstance(labels, Mapping):
+        return
+    if tasks is None:
+        raise SoftpromptError(
+            "CLASS_LABELS (PromptSpec.labels) maps tasks to labels; that needs PROMPT_PER_TASK"
+        )
+    missing = [task for task in tasks if task not in labels]
+    if missing:
+        raise SoftpromptError(
+            f"CLASS_LABELS (PromptSpec.labels) has no labels for tasks {missing}; "
+            f"give a list for each of {list(tasks)}"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from softprompt_jax import storage
@@ -30,8 +30,13 @@ def make_run_info(
     checkpoint_path: str,
     model: T5Config,
     prompt_length: int,
+    prompt_names: Sequence[str] | None = None,
 ) -> dict:
-    """What a checkpoint must share with the run that continues it, as plain JSON values."""
+    """What a checkpoint must share with the run that continues it, as plain JSON values.
+
+    `prompt_names` are a per-task run's tasks (None: one prompt), so neither kind of run
+    continues the other.
+    """
     info = {
         "task": task,
         "seed": seed,
@@ -40,6 +45,7 @@ def make_run_info(
         "checkpoint_path": str(storage.as_path(checkpoint_path)),
         "model_architecture": model.architecture(),
         "prompt_length": prompt_length,
+        "prompt_names": None if prompt_names is None else list(prompt_names),
     }
     return json.loads(json.dumps(info))  # tuples become lists, as they come back from disk
 
@@ -97,7 +103,10 @@ def restore_latest(
 
 
 def repair_sidecars(checkpointer: TrainCheckpointer, template: Any, console: Console) -> None:
-    """Write the numpy prompt of every kept checkpoint that lacks it (a kill between the two)."""
+    """Write the numpy prompt(s) every kept checkpoint lacks (a kill between the writes).
+
+    In a per-task run, a step missing any task's file gets the missing ones.
+    """
     for step in checkpointer.missing_sidecars():
         restored = _or_damaged(
             checkpointer, step, console, functools.partial(checkpointer.restore, template, step)

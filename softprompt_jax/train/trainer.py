@@ -5,13 +5,19 @@ checkpointing. Settings are keyword arguments and small dataclasses (`EvalConfig
 `CheckpointConfig`, `MeshConfig`, `LogConfig`); gin binds them at the command line
 (`softprompt_jax.gin_config`). Restarting the same command resumes from the
 last finished checkpoint in `model_dir` and reproduces the uninterrupted run.
+
+With `prompt_per_task`, a seqio Mixture trains one prompt per task in one run: a
+`PromptBank` named by task, each example reaching its task's prompt through the batch's
+`prompt_ids` (`train/data.per_task_batches`). The prompts train independently (separate
+arrays, separate Adafactor statistics, a summed loss); each task is evaluated with its own
+prompt, and its metrics, best step and numpy prompts are kept per task.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,14 +42,16 @@ from softprompt_jax.partitioning import (
     standard_logical_axis_rules,
     to_host,
 )
+from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompt_eval import evaluate_prompt
 from softprompt_jax.prompts import init_prompt
 from softprompt_jax.train import preflight
-from softprompt_jax.train.data import train_batches
+from softprompt_jax.train.data import mixture_task_names, per_task_batches, train_batches
 from softprompt_jax.train.hooks import Hook, Hooks, StepInfo, StepMeter
 from softprompt_jax.train.interrupts import StopRequests
 from softprompt_jax.train.metrics_writer import MetricsWriter, console, format_eta
 from softprompt_jax.train.optimizer import AdafactorConfig, make_optimizer
+from softprompt_jax.train.parameters import parameter_summary
 from softprompt_jax.train.resume import make_run_info, repair_sidecars, restore_latest
 from softprompt_jax.train.run_lock import RunLock
 from softprompt_jax.train.state_checkpoints import TrainCheckpointer
@@ -52,11 +60,15 @@ from softprompt_jax.train.train_step import init_train_state, make_train_step
 
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
-    """How to initialise the prompt (see `softprompt_jax.init_prompt`); paper defaults."""
+    """How to initialise the prompt (see `softprompt_jax.init_prompt`); paper defaults.
+
+    With one prompt per task, `labels` may map each task to its own class labels; every
+    task's prompt uses the same method with seed `seed + i` for the i-th task.
+    """
 
     method: str = "class_labels"
     length: int = 100
-    labels: Sequence[str] = ()
+    labels: Sequence[str] | Mapping[str, Sequence[str]] = ()
     text: str | None = None
     path: str | None = None
     seed: int = 0
@@ -70,8 +82,13 @@ class PromptSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
+    """The last step, the prompt (a `PromptBank` per task), and the latest numbers.
+
+    With one prompt per task, `eval_metrics` keys are `<task>/<metric>`.
+    """
+
     step: int
-    prompt: np.ndarray
+    prompt: np.ndarray | PromptBank
     train_loss: float | None
     eval_metrics: dict[str, float]
 
@@ -93,17 +110,31 @@ def model_config(
     return read_config(checkpoint_path, dtype).replace(**changes)
 
 
-def make_prompt(spec: PromptSpec, params: dict, task: str) -> jax.Array:
+def make_prompt(
+    spec: PromptSpec, params: dict, task: str, labels: Sequence[str] | None = None, seed: int = 0
+) -> jax.Array:
+    """The prompt `spec` describes for `task` (`labels` and `seed + spec.seed` may override)."""
     vocabulary = seqio.get_mixture_or_task(task).output_features["inputs"].vocabulary
     return init_prompt(
         spec.method,
         spec.length,
         params=params,
         vocab=vocabulary,
-        labels=list(spec.labels),
+        labels=list(spec.labels if labels is None else labels),
         text=spec.text,
         path=spec.path,
-        seed=spec.seed,
+        seed=spec.seed + seed,
+    )
+
+
+def make_prompt_bank(spec: PromptSpec, params: dict, tasks: Sequence[str]) -> PromptBank:
+    """One prompt per task, named by task: its own class labels if given, seed `spec.seed + i`."""
+    per_task = isinstance(spec.labels, Mapping)
+    return PromptBank.from_arrays(
+        {
+            task: make_prompt(spec, params, task, spec.labels[task] if per_task else None, seed=i)
+            for i, task in enumerate(tasks)
+        }
     )
 
 
@@ -170,8 +201,12 @@ def train(
     checkpointing: CheckpointConfig = CheckpointConfig(),
     mesh: MeshConfig = MeshConfig(),
     logging: LogConfig = LogConfig(),
+    prompt_per_task: bool = False,
 ) -> TrainResult:
     """Prompt-tune `task` on the frozen model at `checkpoint_path`; artefacts go to `model_dir`.
+
+    `prompt_per_task` (a seqio Mixture as `task`) trains one prompt per task of the mixture
+    (see the module doc).
 
     The frozen params are sharded over the device mesh; the prompt and its optimizer state
     are replicated and each process feeds its share of every global batch. Logging,
@@ -202,6 +237,9 @@ def train(
         checkpointing,
         logging,
     )
+    prompt_names = _prompt_names(task, prompt_per_task, evaluation.task, prompt)
+    targets = _eval_targets(prompt_names, eval_task)
+    _check_evaluations(targets.values(), evaluation, checkpointing)
     device_mesh = make_mesh(mesh.data, mesh.model)
     rules = standard_logical_axis_rules(
         mesh.activation_partitioning_dims, mesh.parameter_partitioning_dims
@@ -216,6 +254,7 @@ def train(
         checkpoint_path=checkpoint_path,
         model=cfg,
         prompt_length=prompt.length,
+        prompt_names=prompt_names,
     )
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:  # the other processes of a multi-host run follow it
@@ -223,22 +262,27 @@ def train(
         console(f"loading the frozen model from {checkpoint_path}")
         params = load_sharded(checkpoint_path, cfg, param_shardings(cfg, device_mesh, rules))
         tx = make_optimizer(optimizer)
-        state = place(
-            init_train_state(make_prompt(prompt, params, task), tx), replicated(device_mesh)
+        initial = (
+            make_prompt_bank(prompt, params, prompt_names)
+            if prompt_names
+            else make_prompt(prompt, params, task)
         )
+        state = place(init_train_state(initial, tx), replicated(device_mesh))
         model_dir_path = storage.as_path(model_dir)
         writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
+        writer.console(parameter_summary(params, state.prompt))
         checkpointer = TrainCheckpointer(
             model_dir_path,
             keep=checkpointing.keep,
             best_metric=checkpointing.best_metric,
             best_mode=checkpointing.best_mode,
+            prompt_names=prompt_names,
         )
         stack.callback(checkpointer.close)
         start_step, state, records = _resume(checkpointer, state, run_info, writer)
 
         meter = StepMeter()
-        evaluate = _eval_hook(writer, checkpointer, cfg, params, task, batch_size, evaluation)
+        evaluate = _eval_hook(writer, checkpointer, cfg, params, targets, batch_size, evaluation)
         hooks = Hooks()
         hooks.add(_log_hook(writer, meter, batch_size, checkpointer), every=logging.period)
         hooks.add(_checkpoint_hook(checkpointer, run_info, meter), every=checkpointing.period)
@@ -256,7 +300,7 @@ def train(
             rules=rules,
         )
         rng = place(jax.random.PRNGKey(seed), replicated(device_mesh))
-        batches = train_batches(
+        batches = (per_task_batches if prompt_names else train_batches)(
             task,
             feature_lengths,
             local_batch,
@@ -264,8 +308,13 @@ def train(
             start_step=start_step,
             shard_info=seqio_shard_info(device_mesh),
         )
+        what = (
+            f"{len(prompt_names)} prompts of {prompt.length} tokens, one per task of"
+            if prompt_names
+            else f"a {prompt.length}-token prompt on"
+        )
         writer.console(
-            f"training a {prompt.length}-token prompt on {task}: "
+            f"training {what} {task}: "
             f"steps {start_step}->{train_steps}, batch {batch_size}, "
             f"model {cfg.emb_dim}d x {cfg.num_encoder_layers} layers ({dtype}), "
             f"mesh data={device_mesh.shape['data']} x model={device_mesh.shape['model']}"
@@ -324,9 +373,26 @@ def _check_settings(
     preflight.check_feature_lengths("EVAL_FEATURE_LENGTHS", evaluation.feature_lengths)
     preflight.check_task("MIXTURE_OR_TASK_NAME", task)
     preflight.check_task("EVAL_TASK", eval_task)
-    preflight.check_evaluation(
-        eval_task, evaluation.split, checkpointing.best_metric, checkpointing.best_mode
-    )
+
+
+def _prompt_names(
+    task: str, prompt_per_task: bool, eval_task_setting: str | None, prompt: PromptSpec
+) -> tuple[str, ...] | None:
+    """The tasks that get their own prompt (None: one prompt), their settings checked first."""
+    preflight.check_prompt_per_task(task, prompt_per_task, eval_task_setting)
+    names = tuple(mixture_task_names(task)) if prompt_per_task else None
+    preflight.check_labels(prompt.labels, names)
+    return names
+
+
+def _check_evaluations(
+    eval_tasks: Iterable[str], evaluation: EvalConfig, checkpointing: CheckpointConfig
+) -> None:
+    """Each evaluated task has the eval split and reports BEST_METRIC."""
+    for eval_task in eval_tasks:
+        preflight.check_evaluation(
+            eval_task, evaluation.split, checkpointing.best_metric, checkpointing.best_mode
+        )
 
 
 def _resume(
@@ -389,39 +455,57 @@ def _checkpoint_hook(checkpointer: TrainCheckpointer, run_info: dict, meter: Ste
     return save
 
 
+def _eval_targets(prompt_names: Sequence[str] | None, eval_task: str) -> dict[str | None, str]:
+    """Which prompt is evaluated on which task: each task's own, or (None) the one prompt."""
+    return {name: name for name in prompt_names} if prompt_names else {None: eval_task}
+
+
 def _eval_hook(
     writer: MetricsWriter,
     checkpointer: TrainCheckpointer,
     cfg: T5Config,
     params: dict,
-    task: str,
+    targets: Mapping[str | None, str],
     train_batch_size: int,
     config: EvalConfig,
 ) -> Hook:
-    """The task's metrics for the current prompt, left in `info.results["eval_metrics"]`.
+    """Each target task's metrics for its prompt, left in `info.results["eval_metrics"]`.
 
-    They are also recorded with the step's checkpoint, to pick the best step.
+    `targets` maps a bank's prompt name (None: the one prompt) to its task. The metrics are
+    also recorded with the step's checkpoint, to pick each prompt's best step; every task is
+    evaluated before any record is written, so a step's records are all there or none.
     """
-    eval_task = config.task or task
 
     def evaluate(info: StepInfo) -> None:
-        writer.console(f"evaluating step {info.step} on {eval_task} {config.split}")
-        metrics = evaluate_prompt(
-            cfg,
-            params,
-            info.state.prompt,
-            task=eval_task,
-            split=config.split,
-            feature_lengths=config.feature_lengths,
-            batch_size=config.batch_size or train_batch_size,
-            max_examples=config.max_examples,
-        )
-        writer.console(f"eval at step {info.step}: " + _format_metrics(metrics))
-        writer.write("eval", info.step, {"split": config.split, **metrics})
-        checkpointer.record_eval(info.step, metrics)
-        info.results["eval_metrics"] = metrics
+        results = {}
+        for name, eval_task in targets.items():
+            writer.console(f"evaluating step {info.step} on {eval_task} {config.split}")
+            results[name] = evaluate_prompt(
+                cfg,
+                params,
+                info.state.prompt if name is None else info.state.prompt[name],
+                task=eval_task,
+                split=config.split,
+                feature_lengths=config.feature_lengths,
+                batch_size=config.batch_size or train_batch_size,
+                max_examples=config.max_examples,
+            )
+            whose = "" if name is None else f" ({name})"
+            writer.console(f"eval at step {info.step}{whose}: " + _format_metrics(results[name]))
+        for name, metrics in results.items():
+            task_key = {} if name is None else {"task": name}
+            writer.write("eval", info.step, {**task_key, "split": config.split, **metrics})
+            checkpointer.record_eval(info.step, metrics, task=name)
+        info.results["eval_metrics"] = _flat_metrics(results)
 
     return evaluate
+
+
+def _flat_metrics(results: Mapping[str | None, Mapping[str, float]]) -> dict[str, float]:
+    """One prompt's metrics as they are; a bank's as `<task>/<metric>`."""
+    if None in results:
+        return dict(results[None])
+    return {f"{task}/{key}": value for task, each in results.items() for key, value in each.items()}
 
 
 def _check_finite(meter: StepMeter, info: StepInfo, checkpointer: TrainCheckpointer) -> None:
@@ -434,7 +518,7 @@ def _check_finite(meter: StepMeter, info: StepInfo, checkpointer: TrainCheckpoin
     if bad is not None:
         steps_back, loss = bad
         what = f"loss is {loss} at step {info.step - steps_back}"
-    elif not np.isfinite(to_host(info.state.prompt)).all():
+    elif not all(np.isfinite(p).all() for p in jax.tree.leaves(to_host(info.state.prompt))):
         what = f"the prompt is not finite after step {info.step}"
     if what is not None:
         last = checkpointer.latest_step()
