@@ -182,6 +182,11 @@ def test_a_second_run_is_refused_while_another_process_holds_the_directory(froze
             "BEST_METRIC 'acuracy' is not reported by eval task 'demo_multitask'; "
             "it reports ['accuracy', 'loss_per_token']",
         ),
+        (
+            {"task": "demo_mixture"},  # one prompt on a mixture: which task to evaluate?
+            "'demo_mixture' is a mixture: evaluate one of its tasks (EVAL_TASK, one of "
+            "['demo_len', 'demo_max', 'demo_min'])",
+        ),
     ],
 )
 def test_a_bad_setting_fails_in_one_line_before_anything_is_written(
@@ -193,6 +198,17 @@ def test_a_bad_setting_fails_in_one_line_before_anything_is_written(
         run(frozen_model, model_dir, 2, **changes)
     assert message in str(error.value) and len(str(error.value).splitlines()) == 1
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_one_prompt_trains_on_a_mixture_evaluated_on_one_of_its_tasks(frozen_model, tmp_path):
+    result = run(
+        frozen_model,
+        tmp_path / "run",
+        2,
+        task="demo_mixture",
+        evaluation=EvalConfig(period=2, max_examples=4, task="demo_max"),
+    )
+    assert result.step == 2 and set(result.eval_metrics) == {"accuracy", "loss_per_token"}
 
 
 def test_a_prompt_of_no_tokens_is_refused():

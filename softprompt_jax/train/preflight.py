@@ -55,6 +55,13 @@ def check_evaluation(task: str, split: str, best_metric: str | None, best_mode: 
     """
     if best_mode not in ("max", "min"):
         raise SoftpromptError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    mixture = seqio.get_mixture_or_task(task)
+    if isinstance(mixture, seqio.Mixture):  # metrics belong to tasks, not to a mixture
+        names = sorted(t.name for t in mixture.tasks)
+        raise SoftpromptError(
+            f"{task!r} is a mixture: evaluate one of its tasks (EVAL_TASK, one of {names}) or "
+            "train a prompt per task (PROMPT_PER_TASK=True)"
+        )
     try:
         names = metric_names(task, split)
     except KeyError as error:
