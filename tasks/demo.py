@@ -10,7 +10,8 @@ from scratch in a few hundred CPU steps. Registered tasks:
 - `demo_<name>`: one task with its prefix;
 - `taskless_demo_<name>`: one task without the prefix, so a prompt must learn which task it is;
 - `demo_mixture`: a seqio Mixture of `demo_len`, `demo_max` and `demo_min` at equal rates (to
-  train one prompt per task in one run).
+  train one prompt per task in one run); `taskless_demo_mixture` the same without prefixes,
+  so each task's prompt must learn which task it is.
 
 Splits `train` (20,000 examples per task) and `validation` (500) come from different seeds.
 The metric is exact-match accuracy of the output string.
@@ -35,6 +36,7 @@ SPLIT_SEEDS = {"train": 0, "validation": 1}
 SPLIT_SIZES = {"train": 20_000, "validation": 500}  # examples per task
 MIN_LETTERS, MAX_LETTERS = 3, 6
 DEMO_MIXTURE = "demo_mixture"
+TASKLESS_DEMO_MIXTURE = "taskless_demo_mixture"
 
 VOCABULARY = seqio.ByteVocabulary()
 OUTPUT_FEATURES = {
@@ -91,15 +93,16 @@ def _add_task(name: str, task_names: Sequence[str], taskless: bool) -> None:
 
 
 def register_demo_tasks() -> list[str]:
-    """(Re)registers the demo tasks and `demo_mixture`; returns the tasks' names."""
+    """(Re)registers the demo tasks and their two mixtures; returns the tasks' names."""
     names = ["demo_multitask"]
     _add_task("demo_multitask", tuple(DEMO_TASKS), taskless=False)
     for name in DEMO_TASKS:
         _add_task(f"demo_{name}", (name,), taskless=False)
         _add_task(f"taskless_demo_{name}", (name,), taskless=True)
         names += [f"demo_{name}", f"taskless_demo_{name}"]
-    seqio.MixtureRegistry.remove(DEMO_MIXTURE)
-    seqio.MixtureRegistry.add(
-        DEMO_MIXTURE, [f"demo_{name}" for name in DEMO_TASKS], default_rate=1.0
-    )
+    for mixture, prefix in ((DEMO_MIXTURE, "demo_"), (TASKLESS_DEMO_MIXTURE, "taskless_demo_")):
+        seqio.MixtureRegistry.remove(mixture)
+        seqio.MixtureRegistry.add(
+            mixture, [f"{prefix}{name}" for name in DEMO_TASKS], default_rate=1.0
+        )
     return names

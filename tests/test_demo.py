@@ -20,14 +20,19 @@ def test_demo_runs_end_to_end_from_a_fresh_directory(tmp_path, monkeypatch, caps
         "softprompt_demo", pretrain_steps=3, tune_steps=2, batch_size=8, eval_examples=10
     )
     out = capsys.readouterr().out
-    assert set(results) == {"with_prefix", "before", "after"}
+    tasks = {f"taskless_demo_{name}" for name in ("len", "max", "min")}
+    assert set(results) == {"with_prefix", "before", "after"} | tasks
     assert all(0.0 <= value <= 100.0 for value in results.values())
     for line in (
-        "[1/3]",
-        "[2/3]",
-        "[3/3]",
+        "[1/4]",
+        "[2/4]",
+        "[3/4]",
+        "[4/4]",
         "frozen model, no prefix",
         "frozen model + tuned 8-token prompt",
+        "One mixed batch of 10 validation examples per task",
     ):
         assert line in out
     assert (tmp_path / "softprompt_demo" / "prompt_min" / "metrics.jsonl").is_file()
+    records = (tmp_path / "softprompt_demo" / "prompt_per_task" / "metrics.jsonl").read_text()
+    assert all(f'"task": "{task}"' in records for task in tasks)
