@@ -1,4 +1,4 @@
-"""The `softprompt-jax` command: train | eval | infer | export | demo.
+"""The `softprompt-jax` command: train | eval | infer | export | inspect | demo.
 
 `train`, `eval` and `infer` take T5X-style flags: `--gin_file` (repeatable,
 resolved against the packaged gin/ folder) and `--gin.NAME=VALUE`, e.g.
@@ -88,10 +88,31 @@ def _parser() -> argparse.ArgumentParser:
         "--frozen_checkpoint",
         help="with --t5x: also write this frozen model's weights, as the official code does",
     )
+    _add_inspect(commands)
     demo = commands.add_parser("demo", help="the offline prompt-tuning demo (CPU, minutes)")
     demo.add_argument("--workdir", default="softprompt_demo")
     demo.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="read prompts back as their nearest vocabulary pieces; a bank's similarity",
+    )
+    inspect.add_argument("--checkpoint", required=True, help="the frozen model the prompts are for")
+    prompts = inspect.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="a prompt file (.npy, PEFT dir, ...)")
+    prompts.add_argument("--prompts", help="a prompt bank: a .safetensors file or a folder of .npy")
+    inspect.add_argument("--vocabulary", help="a SentencePiece model (default: the task's)")
+    inspect.add_argument("--task", help="a seqio task: its vocabulary and label words")
+    inspect.add_argument(
+        "--labels",
+        type=lambda text: [label for label in text.split(",") if label],
+        help="label words to mark, comma-separated (default: the task's)",
+    )
+    inspect.add_argument("--k", type=int, default=5, help="nearest pieces per position")
+    inspect.add_argument("--json", help="also write the report to this JSON file")
 
 
 def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -125,6 +146,20 @@ def _run(args: argparse.Namespace, bindings: list[str]) -> int:
             frozen=args.frozen_checkpoint,
             task=args.task,
             bank=args.bank,
+        )
+        return 0
+    if args.command == "inspect":
+        from softprompt_jax.commands import inspect_prompts
+
+        inspect_prompts(
+            checkpoint_path=args.checkpoint,
+            prompt_file=args.prompt,
+            bank_path=args.prompts,
+            vocabulary_path=args.vocabulary,
+            task=args.task,
+            labels=args.labels,
+            k=args.k,
+            json_file=args.json,
         )
         return 0
     from softprompt_jax import gin_config

@@ -1,9 +1,13 @@
-"""The non-training commands: evaluate a prompt, write predictions, export a prompt.
+"""The non-training commands: evaluate prompts, write predictions, read prompts, export one.
 
-`evaluate` and `infer` take a frozen checkpoint plus a prompt file, the way the
-official code recommends evaluating released prompts. Settings, inputs and the output
-location are checked before any compute; outputs are written atomically (a failed run
-leaves no partial file behind) and are strict JSON (NaN and infinities become null).
+`evaluate` and `infer` take a frozen checkpoint plus either one prompt file (`prompt_file`),
+the way the official code recommends evaluating released prompts, or a bank of named prompts
+(`prompts`): each task of a mixture runs with the prompt of its name, in batches that mix
+the tasks. `infer` also reads the user's own inputs from a JSON-lines file, each line naming
+its prompt; `evaluate` with `ensemble` runs the K prompts of one task and reports their
+vote. Settings, inputs, prompts and the output location are checked before any compute;
+outputs are written atomically (a failed run leaves no partial file behind) and are strict
+JSON (NaN and infinities become null).
 """
 
 from __future__ import annotations
@@ -15,84 +19,106 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import seqio
 
-from softprompt_jax import inference, storage
+from softprompt_jax import infer_rows, inspection, storage
 from softprompt_jax.checkpoints import official
 from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
+from softprompt_jax.checkpoints.sharded import read_config
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.prompt_eval import evaluate_prompt
+from softprompt_jax.model.config import T5Config
+from softprompt_jax.prompt_bank import PromptBank
+from softprompt_jax.prompt_eval import evaluate_ensemble, evaluate_prompt, evaluate_tasks
 from softprompt_jax.tasks import evaluation as task_evaluation
+from softprompt_jax.tasks.vocab import get_vocabulary
 from softprompt_jax.train.metrics_writer import MetricsWriter
 from softprompt_jax.train.run_prompts import read_run_bank, read_run_prompt
 
-
-def _load_model_and_prompt(checkpoint_path: str, prompt_file: str, dtype: str):
-    cfg, params = load_pretrained(checkpoint_path, dtype=dtype)
-    prompt = load_prompt(prompt_file)
-    if prompt.ndim != 2 or prompt.shape[1] != cfg.emb_dim:
-        raise SoftpromptError(
-            f"prompt file {prompt_file} has shape {tuple(prompt.shape)}; the model at "
-            f"{checkpoint_path} expects (length, {cfg.emb_dim})"
-        )
-    return cfg, params, jnp.asarray(prompt)
+# PROMPTS: a bank file or folder, or {prompt name: prompt file or PEFT dir}.
+PromptsSetting = str | Mapping[str, str]
 
 
 def evaluate(
     *,
     checkpoint_path: str,
-    prompt_file: str,
     task: str,
     output_dir: str,
+    prompt_file: str | None = None,
+    prompts: PromptsSetting | None = None,
     feature_lengths: Mapping[str, int] | None = None,
     split: str = "validation",
     batch_size: int = 32,
     max_examples: int | None = None,
     dtype: str = "bfloat16",
-) -> dict[str, float]:
-    """The task's metrics for a prompt file on a frozen checkpoint -> `output_dir/metrics.json`.
+    ensemble: bool = False,
+    num_beams: int = 1,
+    alpha: float = 0.6,
+) -> dict[str, Any]:
+    """Metrics of prompts on a frozen checkpoint -> `output_dir/metrics.json` (and a
+    `metrics.jsonl` record per task).
 
-    `feature_lengths=None` evaluates whole inputs and targets, as T5X does.
+    With `prompt_file`: the task's metrics. With `prompts` (a bank): each task's metrics,
+    keyed by task; the task, or every task of a mixture that has `split`, runs with the
+    prompt of its name. With `ensemble`: the bank holds K prompts of the one task; every
+    member's metrics and the ensemble's (`prompt_eval.evaluate_ensemble`).
+    `feature_lengths=None` evaluates whole inputs and targets, as T5X does; `num_beams > 1`
+    decodes by beam search with length penalty `alpha`.
     """
     _check_batch_size(batch_size)
-    _get_task(task, split)
+    _check_beams(num_beams, "EVAL_NUM_BEAMS")
+    task_obj = _get_task(task, split)
+    _check_one_prompt_setting(prompt_file, prompts)
+    if ensemble:
+        _check_ensemble(task_obj, prompts, num_beams)
     storage.check_writable(output_dir)
-    cfg, params, prompt = _load_model_and_prompt(checkpoint_path, prompt_file, dtype)
-    metrics = evaluate_prompt(
+    settings = {
+        "split": split,
+        "feature_lengths": feature_lengths,
+        "batch_size": batch_size,
+        "max_examples": max_examples,
+    }
+    header = {"task": task, "split": split, "checkpoint_path": str(checkpoint_path)}
+    if prompts is None:
+        prompt = load_prompt(prompt_file)
+        cfg, params = _load_model(checkpoint_path, dtype, prompt, prompt_file)
+        metrics = evaluate_prompt(
+            cfg, params, prompt, task=task, num_beams=num_beams, alpha=alpha, **settings
+        )
+        header["prompt_file"] = str(prompt_file)
+        return _write_eval(output_dir, header, metrics, {task: metrics})
+    bank = _load_bank(prompts)
+    header["prompts"] = prompts
+    if ensemble:
+        cfg, params = _load_model(checkpoint_path, dtype, bank, prompts)
+        metrics = evaluate_ensemble(cfg, params, bank, task=task, **settings)
+        return _write_eval(output_dir, header, metrics, {task: metrics})
+    tasks = _tasks_with_prompts(task_obj, split, bank)
+    cfg, params = _load_model(checkpoint_path, dtype, bank, prompts)
+    by_task = evaluate_tasks(
         cfg,
         params,
-        prompt,
-        task=task,
-        split=split,
-        feature_lengths=feature_lengths,
-        batch_size=batch_size,
-        max_examples=max_examples,
+        bank,
+        {name: bank.index(name) for name in tasks},
+        num_beams=num_beams,
+        alpha=alpha,
+        **settings,
     )
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "task": task,
-        "split": split,
-        "prompt_file": str(prompt_file),
-        "checkpoint_path": str(checkpoint_path),
-        "metrics": metrics,
-    }
-    storage.write_text_atomic(out / "metrics.json", _strict_json(record, indent=2) + "\n")
-    MetricsWriter(out, tensorboard=False).write("eval", 0, {"split": split, **metrics})
-    print(f"{task} {split}: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
-    return metrics
+    return _write_eval(output_dir, header, by_task, by_task)
 
 
 def infer(
     *,
     checkpoint_path: str,
-    prompt_file: str,
-    task: str,
     output_file: str,
     feature_lengths: Mapping[str, int],
+    task: str | None = None,
+    prompt_file: str | None = None,
+    prompts: PromptsSetting | None = None,
+    input_file: str | None = None,
+    vocabulary_path: str | None = None,
     split: str = "validation",
     batch_size: int = 32,
     max_examples: int | None = None,
@@ -101,52 +127,125 @@ def infer(
     temperature: float = 0.0,
     top_k: int = 0,
     seed: int = 0,
+    num_beams: int = 1,
+    alpha: float = 0.6,
 ) -> Path:
-    """Predictions for a task's split, one JSON line per example; labels not needed.
+    """Predictions, one JSON line per input in order; labels not needed.
 
-    Greedy unless `temperature > 0`: then sampled (from the `top_k` best tokens when
-    `top_k > 0`), reproducibly for a given `seed`. An example whose inputs were longer than
-    `feature_lengths["inputs"]` (and so cut) has `"truncated": true` in its line.
+    The inputs are a task's split (with `prompts`: every task of a mixture, each with the
+    prompt of its name) or, with `input_file`, a JSON-lines file of the user's own inputs,
+    each line naming its prompt and optionally candidates to rank (`infer_rows`), tokenized
+    with the SentencePiece model at `vocabulary_path`, else the task's vocabulary. A line
+    holds `inputs`, `prediction` and `truncated` (the inputs were longer than
+    `feature_lengths["inputs"]` and cut), plus `prompt` with a bank and `scores` for ranked
+    candidates. Greedy unless `temperature > 0`: then sampled (from the `top_k` best tokens
+    when `top_k > 0`), reproducibly for a given `seed`; `num_beams > 1` searches beams.
     """
-    if temperature < 0 or top_k < 0:
-        raise SoftpromptError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+    _check_decoding(temperature, top_k, num_beams)
     _check_batch_size(batch_size)
-    task_obj = _get_task(task, split)
+    _check_one_prompt_setting(prompt_file, prompts)
     path = Path(output_file)
     if path.is_dir():
         raise SoftpromptError(f"the output file {path} is a directory")
     storage.check_writable(path.parent)
     lengths = {"inputs": feature_lengths["inputs"], "targets": feature_lengths["targets"]}
-    examples = task_evaluation.load_examples(task, split, lengths, max_examples)
-    inputs = _input_texts(examples, f"{task} {split}")
-    whole = task_evaluation.load_examples(task, split, None, max_examples)
-    truncated = [len(example["inputs"]) > lengths["inputs"] for example in whole]
-    cfg, params, prompt = _load_model_and_prompt(checkpoint_path, prompt_file, dtype)
-    vocabulary = task_obj.output_features["targets"].vocabulary
-    predictions = inference.predict_texts(
+    prompt = load_prompt(prompt_file) if prompts is None else _load_bank(prompts)
+    if input_file is None:
+        rows, features = _task_rows(task, split, lengths, max_examples, prompt, vocabulary_path)
+    else:
+        rows, features = _file_rows(input_file, lengths, prompt, task, vocabulary_path)
+    cfg, params = _load_model(
+        checkpoint_path, dtype, prompt, prompt_file if prompts is None else prompts
+    )
+    predictions = infer_rows.predict(
         cfg,
         params,
         prompt,
-        vocabulary,
-        task_evaluation.t5x_batches(examples, lengths, batch_size),
+        rows,
+        features["targets"],
+        inputs_length=lengths["inputs"],
+        batch_size=batch_size,
         max_length=decode_length or lengths["targets"],
         temperature=temperature,
         top_k=top_k,
         seed=seed,
+        num_beams=num_beams,
+        alpha=alpha,
     )
-    lines = [
-        _strict_json({"inputs": text, "prediction": prediction, "truncated": cut})
-        for text, prediction, cut in zip(inputs, predictions, truncated, strict=True)
-    ]
+    lines = [_prediction_line(row, p) for row, p in zip(rows, predictions, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_text_atomic(path, "".join(line + "\n" for line in lines))
     print(f"wrote {len(lines)} predictions to {path}")
-    if any(truncated):
+    truncated = sum(row.truncated for row in rows)
+    if truncated:
         print(
-            f"{sum(truncated)} of {len(lines)} examples had inputs longer than "
+            f"{truncated} of {len(lines)} examples had inputs longer than "
             f'{lengths["inputs"]} tokens and were cut ("truncated": true in {path.name})'
         )
     return path
+
+
+def inspect_prompts(
+    *,
+    checkpoint_path: str,
+    prompt_file: str | None = None,
+    bank_path: str | None = None,
+    vocabulary_path: str | None = None,
+    task: str | None = None,
+    labels: Sequence[str] | None = None,
+    k: int = 5,
+    json_file: str | None = None,
+) -> dict[str, Any]:
+    """Print what prompts read as: each position's `k` nearest vocabulary pieces by cosine,
+    the task's label words marked, and for a bank its prompt-to-prompt similarity.
+
+    The pieces are those of the SentencePiece model at `vocabulary_path`, else of the task's
+    vocabulary; label words are `labels`, else the task's (`inspection.label_words`). With
+    `json_file`, the same report is written there as JSON.
+    """
+    if k < 1:
+        raise SoftpromptError(f"--k must be a positive integer, got {k}")
+    if json_file is not None:
+        storage.check_writable(Path(json_file).parent)
+    task_obj = None if task is None else _get_task(task)
+    vocabulary = _inspect_vocabulary(vocabulary_path, task_obj)
+    if labels is None:
+        labels = [] if task is None else inspection.label_words(task)
+    bank, source = _inspect_prompts(prompt_file, bank_path)
+    _, params = _load_model(checkpoint_path, "float32", bank, source)
+    report = inspection.report(
+        bank, params, vocabulary, labels, k, similarity=bank_path is not None
+    )
+    print(inspection.format_report(report, task))
+    if json_file is not None:
+        storage.write_text_atomic(json_file, _strict_json(report, indent=2) + "\n")
+    return report
+
+
+def _inspect_vocabulary(
+    vocabulary_path: str | None, task: seqio.Task | seqio.Mixture | None
+) -> seqio.Vocabulary:
+    """The SentencePiece model at `vocabulary_path`, else the task's inputs vocabulary."""
+    if vocabulary_path is not None:
+        return _sentencepiece(vocabulary_path, "--vocabulary")
+    if task is None:
+        raise SoftpromptError("inspect needs --vocabulary (a SentencePiece model) or --task")
+    return task.output_features["inputs"].vocabulary
+
+
+def _inspect_prompts(
+    prompt_file: str | None, bank_path: str | None
+) -> tuple[PromptBank, PromptsSetting]:
+    """The prompts to read, as a bank (one prompt file: a bank of one, named by its file),
+    and where they came from."""
+    if (prompt_file is None) == (bank_path is None):
+        raise SoftpromptError(
+            "inspect takes one of --prompt (a prompt file) and --prompts (a bank)"
+        )
+    if bank_path is not None:
+        return PromptBank.load(bank_path), bank_path
+    name = Path(prompt_file).name
+    return PromptBank.from_arrays({name: load_prompt(prompt_file)}), {name: prompt_file}
 
 
 def export_prompt(
@@ -206,8 +305,222 @@ def _check_batch_size(batch_size: int) -> None:
         )
 
 
-def _get_task(name: str, split: str) -> seqio.Task | seqio.Mixture:
-    """The registered seqio task or mixture `name`, which must have `split`.
+def _check_beams(num_beams: int, setting: str) -> None:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise SoftpromptError(f"{setting} must be a positive integer, got {num_beams!r}")
+
+
+def _check_decoding(temperature: float, top_k: int, num_beams: int) -> None:
+    """Sampling settings are >= 0, and beam search (`num_beams > 1`) does not sample."""
+    if temperature < 0 or top_k < 0:
+        raise SoftpromptError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
+    _check_beams(num_beams, "INFER_NUM_BEAMS")
+    if num_beams > 1 and temperature > 0:
+        raise SoftpromptError(
+            f"INFER_NUM_BEAMS = {num_beams} searches beams and INFER_TEMPERATURE = "
+            f"{temperature} samples; set one of them"
+        )
+
+
+def _check_one_prompt_setting(prompt_file: str | None, prompts: PromptsSetting | None) -> None:
+    if (prompt_file is None) == (prompts is None):
+        got = "neither is set" if prompt_file is None else "both are set"
+        raise SoftpromptError(
+            "set one of PROMPT_FILE (a prompt file) and PROMPTS (a bank of named prompts); " + got
+        )
+
+
+def _check_ensemble(
+    task: seqio.Task | seqio.Mixture, prompts: PromptsSetting | None, num_beams: int
+) -> None:
+    """An ensemble is the K prompts (PROMPTS) of one task, decoded greedily."""
+    if prompts is None:
+        raise SoftpromptError("ENSEMBLE = True needs PROMPTS: the K prompts of the task")
+    if not isinstance(task, seqio.Task):
+        raise SoftpromptError(f"ENSEMBLE = True evaluates one task; {task.name} is a mixture")
+    if num_beams > 1:
+        raise SoftpromptError(
+            f"ENSEMBLE = True decodes greedily; EVAL_NUM_BEAMS must be 1, got {num_beams}"
+        )
+
+
+def _load_bank(prompts: PromptsSetting) -> PromptBank:
+    """The bank PROMPTS names: a bank file or folder, or {prompt name: prompt file}."""
+    if isinstance(prompts, str):
+        return PromptBank.load(prompts)
+    if isinstance(prompts, Mapping) and all(
+        isinstance(key, str) and isinstance(value, str) for key, value in prompts.items()
+    ):
+        return PromptBank.from_files(prompts)
+    raise SoftpromptError(
+        "PROMPTS must be a bank file or folder ('bank.safetensors') or a dict of prompt "
+        f"name -> prompt file ({{'boolq': 'boolq.npy'}}), got {prompts!r}"
+    )
+
+
+def _load_model(
+    checkpoint_path: str,
+    dtype: str,
+    prompt: jax.Array | PromptBank,
+    source: PromptsSetting,
+) -> tuple[T5Config, dict]:
+    """The frozen model, once the prompts are known to fit it (from its config alone).
+
+    `source` is where the prompts came from: a file or bank path, or {name: file}.
+    """
+    cfg = read_config(checkpoint_path, dtype)
+    if isinstance(prompt, PromptBank):
+        if prompt.emb_dim != cfg.emb_dim:
+            name = prompt.names[0]
+            where = f"({source[name]})" if isinstance(source, Mapping) else f"of {source}"
+            raise SoftpromptError(
+                f"prompt {name!r} {where} has embedding width {prompt.emb_dim}; the model at "
+                f"{checkpoint_path} has {cfg.emb_dim}"
+            )
+    elif prompt.ndim != 2 or prompt.shape[1] != cfg.emb_dim:
+        raise SoftpromptError(
+            f"prompt file {source} has shape {tuple(prompt.shape)}; the model at "
+            f"{checkpoint_path} expects (length, {cfg.emb_dim})"
+        )
+    return load_pretrained(checkpoint_path, dtype=dtype)
+
+
+def _tasks_with_prompts(
+    task: seqio.Task | seqio.Mixture, split: str, bank: PromptBank
+) -> list[str]:
+    """The task, or each task of the mixture that has `split`; each runs with the bank's
+    prompt of its name."""
+    names = (
+        [task.name]
+        if isinstance(task, seqio.Task)
+        else [each.name for each in task.tasks if split in each.splits]
+    )
+    missing = [name for name in names if name not in bank.names]
+    if missing:
+        raise SoftpromptError(
+            f"PROMPTS has no prompt for task {', '.join(missing)} (each task runs with the "
+            f"prompt of its name); it holds {', '.join(bank.names)}"
+        )
+    return names
+
+
+def _task_rows(
+    task: str | None,
+    split: str,
+    lengths: Mapping[str, int],
+    max_examples: int | None,
+    prompt: jax.Array | PromptBank,
+    vocabulary_path: str | None,
+) -> tuple[list[infer_rows.InferRow], Mapping[str, seqio.Feature]]:
+    """A task's examples to predict (with a bank: each task of a mixture, with its prompt)."""
+    if task is None:
+        raise SoftpromptError(
+            "infer needs MIXTURE_OR_TASK_NAME (a task's examples to predict) or "
+            "INFER_INPUT_FILE (your own inputs)"
+        )
+    if vocabulary_path is not None:
+        raise SoftpromptError(
+            "VOCABULARY_PATH tokenizes INFER_INPUT_FILE; a task's examples are tokenized by it"
+        )
+    task_obj = _get_task(task, split)
+    if not isinstance(prompt, PromptBank):
+        return _example_rows(task, split, lengths, max_examples, None), task_obj.output_features
+    rows = [
+        row
+        for name in _tasks_with_prompts(task_obj, split, prompt)
+        for row in _example_rows(name, split, lengths, max_examples, name)
+    ]
+    return rows, task_obj.output_features
+
+
+def _example_rows(
+    task: str,
+    split: str,
+    lengths: Mapping[str, int],
+    max_examples: int | None,
+    prompt_name: str | None,
+) -> list[infer_rows.InferRow]:
+    """The task's examples cut to `lengths`, each marked if it was cut."""
+    examples = task_evaluation.load_examples(task, split, lengths, max_examples)
+    texts = _input_texts(examples, f"{task} {split}")
+    whole = task_evaluation.load_examples(task, split, None, max_examples)
+    return [
+        infer_rows.InferRow(
+            prompt_name, text, ex["inputs"], len(full["inputs"]) > lengths["inputs"]
+        )
+        for text, ex, full in zip(texts, examples, whole, strict=True)
+    ]
+
+
+def _file_rows(
+    input_file: str,
+    lengths: Mapping[str, int],
+    prompt: jax.Array | PromptBank,
+    task: str | None,
+    vocabulary_path: str | None,
+) -> tuple[list[infer_rows.InferRow], Mapping[str, seqio.Feature]]:
+    """The lines of INFER_INPUT_FILE, checked and tokenized, and the features that did it."""
+    if not isinstance(prompt, PromptBank):
+        raise SoftpromptError(
+            "INFER_INPUT_FILE's lines name their prompt: set PROMPTS (a bank), not PROMPT_FILE"
+        )
+    if vocabulary_path is not None:
+        vocabulary = _sentencepiece(vocabulary_path, "VOCABULARY_PATH")
+        features = {name: seqio.Feature(vocabulary, add_eos=True) for name in lengths}
+    elif task is not None:
+        features = _get_task(task).output_features
+    else:
+        raise SoftpromptError(
+            "set VOCABULARY_PATH (a SentencePiece model) or MIXTURE_OR_TASK_NAME (a task whose "
+            "vocabulary to use) to tokenize INFER_INPUT_FILE"
+        )
+    rows = infer_rows.read_jsonl(input_file, prompt.names, features["inputs"], lengths["inputs"])
+    return rows, features
+
+
+def _sentencepiece(path: str, setting: str) -> seqio.Vocabulary:
+    """T5's kind of SentencePiece vocabulary from `path`, read now rather than at first use."""
+    vocabulary = get_vocabulary(path)
+    try:
+        vocabulary.encode("")
+    except Exception as error:  # TensorFlow's file errors, protobuf's parse errors
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SoftpromptError(
+            f"{setting} {path}: not a readable SentencePiece model ({first})"
+        ) from error
+    return vocabulary
+
+
+def _prediction_line(row: infer_rows.InferRow, prediction: infer_rows.Prediction) -> str:
+    line: dict[str, Any] = {} if row.prompt is None else {"prompt": row.prompt}
+    line |= {"inputs": row.text, "prediction": prediction.text}
+    if prediction.scores is not None:
+        line["scores"] = list(prediction.scores)
+    return _strict_json({**line, "truncated": row.truncated})
+
+
+def _write_eval(
+    output_dir: str,
+    header: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    by_task: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any]:
+    """`metrics.json` (`header` and `metrics`), and a `metrics.jsonl` record and a console
+    line per task."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**header, "metrics": metrics}
+    storage.write_text_atomic(out / "metrics.json", _strict_json(record, indent=2) + "\n")
+    writer = MetricsWriter(out, tensorboard=False)
+    split = header["split"]
+    for task, each in by_task.items():
+        writer.write("eval", 0, {"task": task, "split": split, **each})
+        print(f"{task} {split}: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(each.items())))
+    return dict(metrics)
+
+
+def _get_task(name: str, split: str | None = None) -> seqio.Task | seqio.Mixture:
+    """The registered seqio task or mixture `name`, which must have `split` (when given).
 
     An unknown name comes with the close ones.
     """
@@ -218,7 +531,7 @@ def _get_task(name: str, split: str) -> seqio.Task | seqio.Mixture:
         matches = difflib.get_close_matches(name, known, n=3)
         hint = f"; did you mean {' or '.join(matches)}?" if matches else ""
         raise SoftpromptError(f"no seqio task or mixture named {name!r}{hint}") from error
-    if split not in task.splits:
+    if split is not None and split not in task.splits:
         raise SoftpromptError(f"task {name!r} has no split {split!r}; it has {list(task.splits)}")
     return task
 

@@ -117,11 +117,14 @@ def predict_texts(
     temperature: float = 0.0,
     top_k: int = 0,
     seed: int = 0,
+    num_beams: int = 1,
+    alpha: float = 0.6,
 ) -> list[str]:
     """Predictions as text for `(batch, real_rows)` pairs, in order.
 
     Greedy by default; with `temperature > 0` sampled (batch `i` uses `fold_in(seed, i)`,
-    so the same seed gives the same texts).
+    so the same seed gives the same texts); with `num_beams > 1` beam search (`alpha`: its
+    length penalty). A batch's `prompt_ids` pick each row's prompt of a bank.
     """
     texts: list[str] = []
     for i, (batch, size) in enumerate(batches):
@@ -137,6 +140,8 @@ def predict_texts(
             temperature=temperature,
             top_k=top_k,
             rng=rng,
+            num_beams=num_beams,
+            alpha=alpha,
         )
         texts += ids_to_texts(vocabulary, np.asarray(ids)[:size])
     return texts

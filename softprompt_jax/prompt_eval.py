@@ -1,24 +1,34 @@
-"""Evaluate a prompt on a task's split with the task's own metrics.
+"""Evaluate prompts on tasks' splits with the tasks' own metrics.
 
-Generation tasks are decoded greedily with the key/value cache and scored by the
-task's postprocessor and metrics; `*_rank` tasks score every candidate label
-instead (rank classification), which never yields an illegal label.
+Generation tasks are decoded with the key/value cache (greedy, or beam search) and scored by
+the task's postprocessor and metrics; `*_rank` tasks score every candidate label instead
+(rank classification), which never yields an illegal label. A prompt bank evaluates several
+tasks at once, each with its own prompt, in batches that mix the tasks; an ensemble runs the
+K prompts of one task in one batch and combines their answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import seqio
 
 from softprompt_jax import inference
+from softprompt_jax.ensembles import ensemble_predict, ensemble_scores, majority
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
+from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.tasks import evaluation as task_evaluation
 from softprompt_jax.tasks.postprocessors import as_text
+from softprompt_jax.tasks.rank_classification import ScoreFn, rank_classification_predictions
+
+Example = Mapping[str, Any]
+Batches = Iterable[tuple[dict[str, np.ndarray], int]]
+Row = tuple[str, int]  # (task, index of the example among that task's examples)
 
 
 def is_rank_task(task: str) -> bool:
@@ -41,35 +51,274 @@ def evaluate_prompt(
     batch_size: int,
     max_examples: int | None = None,
     decode_length: int | None = None,
+    num_beams: int = 1,
+    alpha: float = 0.6,
 ) -> dict[str, float]:
     """The task's metrics on `split` (at most `max_examples` examples).
 
     `feature_lengths=None` scores whole inputs and targets, as T5X evaluates; given lengths
     truncate like training. Generation tasks also report `loss_per_token`, the mean target
-    cross-entropy, and decode `decode_length` tokens (default: the targets length).
+    cross-entropy, and decode `decode_length` tokens (default: the targets length), greedily
+    or, with `num_beams > 1`, by beam search with length penalty `alpha`.
     """
-    examples = task_evaluation.load_examples(task, split, feature_lengths, max_examples)
-    if not examples:
-        raise SoftpromptError(f"task {task!r} has no examples in split {split!r}")
-    lengths = dict(feature_lengths or full_lengths(examples))
-    score_fn = inference.make_score_fn(cfg, params, prompt)
-    if is_rank_task(task):
-        return task_evaluation.rank_classification_metrics(
-            task, examples, score_fn, lengths, batch_size
-        )
-    vocabulary = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
-    predictions = inference.predict_texts(
+    return evaluate_tasks(
         cfg,
         params,
         prompt,
-        vocabulary,
-        task_evaluation.t5x_batches(examples, lengths, batch_size),
-        max_length=decode_length or lengths["targets"],
+        {task: None},
+        split=split,
+        feature_lengths=feature_lengths,
+        batch_size=batch_size,
+        max_examples=max_examples,
+        decode_length=decode_length,
+        num_beams=num_beams,
+        alpha=alpha,
+    )[task]
+
+
+def evaluate_tasks(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array | PromptBank,
+    prompt_ids: Mapping[str, int | None],
+    *,
+    split: str,
+    feature_lengths: Mapping[str, int] | None,
+    batch_size: int,
+    max_examples: int | None = None,
+    decode_length: int | None = None,
+    num_beams: int = 1,
+    alpha: float = 0.6,
+) -> dict[str, dict[str, float]]:
+    """Each task's metrics, as `evaluate_prompt` gives them, with its own prompt.
+
+    `prompt_ids[task]` is the task's row of the bank `prompt` (None for a single prompt).
+    The tasks' examples are interleaved, so every batch mixes the tasks; with
+    `feature_lengths=None` batches are as long as the longest task needs, and each task
+    still decodes its own targets length, so its metrics equal its prompt's alone.
+    """
+    examples = {task: _examples(task, split, feature_lengths, max_examples) for task in prompt_ids}
+    lengths = {task: dict(feature_lengths or full_lengths(ex)) for task, ex in examples.items()}
+    padded = {name: max(each[name] for each in lengths.values()) for name in ("inputs", "targets")}
+    rows = _interleaved({task: len(ex) for task, ex in examples.items()})
+
+    def batches(chosen: Sequence[Row]) -> Batches:
+        ids = [prompt_ids[task] for task, _ in chosen]
+        return prompted_batches(
+            [examples[task][i] for task, i in chosen],
+            None if None in ids else ids,
+            padded,
+            batch_size,
+        )
+
+    score_fn = inference.make_score_fn(cfg, params, prompt)
+    scores = _by_task(score_batches(score_fn, batches(rows)), rows)
+    predictions: dict[str, list[str]] = {}
+    for tasks, vocabulary, max_length in _decode_groups(lengths, decode_length):
+        chosen = [row for row in rows if row[0] in tasks]
+        texts = inference.predict_texts(
+            cfg,
+            params,
+            prompt,
+            vocabulary,
+            batches(chosen),
+            max_length=max_length,
+            num_beams=num_beams,
+            alpha=alpha,
+        )
+        predictions |= _by_task(texts, chosen)
+    return {
+        task: _rank_metrics(task, ex, scores[task])
+        if is_rank_task(task)
+        else _generation_metrics(task, ex, predictions[task], scores[task], lengths[task])
+        for task, ex in examples.items()
+    }
+
+
+def evaluate_ensemble(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    bank: PromptBank,
+    *,
+    task: str,
+    split: str,
+    feature_lengths: Mapping[str, int] | None,
+    batch_size: int,
+    max_examples: int | None = None,
+    decode_length: int | None = None,
+) -> dict[str, float]:
+    """Every member's metrics (`member/<name>/<metric>`) and the ensemble's, in one batch.
+
+    The ensemble's answer is the majority vote of the members' answers, ties to the earliest
+    member (`ensemble_vote/<metric>`); a rank task also ranks the candidates by the members'
+    mean log-likelihood (`ensemble_mean_score/<metric>`). Decoding is greedy.
+    """
+    examples = _examples(task, split, feature_lengths, max_examples)
+    lengths = dict(feature_lengths or full_lengths(examples))
+    batches = list(task_evaluation.t5x_batches(examples, lengths, batch_size))
+    member_scores = np.concatenate(
+        [ensemble_scores(cfg, params, bank, batch)[0][:, :size] for batch, size in batches], axis=1
     )
+    if is_rank_task(task):
+        members = [_rank_metrics(task, examples, scores) for scores in member_scores]
+        results = {
+            "ensemble_vote": _rank_metrics(task, examples, _vote_scores(examples, member_scores)),
+            "ensemble_mean_score": _rank_metrics(task, examples, member_scores.mean(axis=0)),
+        }
+    else:
+        max_length = decode_length or lengths["targets"]
+        member_texts, vote = _ensemble_texts(cfg, params, bank, task, batches, max_length)
+        members = [
+            _generation_metrics(task, examples, texts, scores, lengths)
+            for texts, scores in zip(member_texts, member_scores, strict=True)
+        ]
+        results = {"ensemble_vote": task_evaluation.evaluate_predictions(task, examples, vote)}
+    results |= {f"member/{name}": each for name, each in zip(bank.names, members, strict=True)}
+    return {
+        f"{group}/{key}": value for group, each in results.items() for key, value in each.items()
+    }
+
+
+def prompted_batches(
+    examples: Sequence[Example],
+    prompt_ids: Sequence[int] | None,
+    lengths: Mapping[str, int],
+    batch_size: int,
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """`t5x_batches` of the examples, each row with its prompt's `prompt_ids` (padding rows: 0).
+
+    `prompt_ids=None` (a single prompt) adds none.
+    """
+    batches = task_evaluation.t5x_batches(examples, lengths, batch_size)
+    if prompt_ids is None:
+        yield from batches
+        return
+    ids = np.asarray(prompt_ids, np.int32)
+    start = 0
+    for batch, size in batches:
+        rows = np.pad(ids[start : start + size], (0, batch_size - size))
+        yield {**batch, "prompt_ids": rows}, size
+        start += size
+
+
+def score_batches(score_fn: ScoreFn, batches: Batches) -> np.ndarray:
+    """`score_fn` on every real row of `(batch, size)` pairs, in order (float64)."""
+    scores = [np.asarray(score_fn(batch), np.float64)[:size] for batch, size in batches]
+    return np.concatenate(scores) if scores else np.zeros([0])
+
+
+def _examples(
+    task: str, split: str, feature_lengths: Mapping[str, int] | None, max_examples: int | None
+) -> list[dict[str, Any]]:
+    """The task's examples; a split without any is a user mistake."""
+    examples = task_evaluation.load_examples(task, split, feature_lengths, max_examples)
+    if not examples:
+        raise SoftpromptError(f"task {task!r} has no examples in split {split!r}")
+    return examples
+
+
+def _interleaved(counts: Mapping[str, int]) -> list[Row]:
+    """Every example of every task, one of each task in turn, so that batches mix tasks."""
+    return [(task, i) for i in range(max(counts.values())) for task, n in counts.items() if i < n]
+
+
+def _by_task(values: Sequence[Any], rows: Sequence[Row]) -> dict[str, list[Any]]:
+    """Per-row values regrouped by task, each task's in its examples' order."""
+    grouped: dict[str, list[Any]] = {}
+    for value, (task, _) in zip(values, rows, strict=True):
+        grouped.setdefault(task, []).append(value)
+    return grouped
+
+
+def _decode_groups(
+    lengths: Mapping[str, Mapping[str, int]], decode_length: int | None
+) -> list[tuple[set[str], seqio.Vocabulary, int]]:
+    """The generation tasks that decode together: those sharing vocabulary and decode length."""
+    groups: list[tuple[set[str], seqio.Vocabulary, int]] = []
+    for task, each in lengths.items():
+        if is_rank_task(task):
+            continue
+        key = (_targets_vocabulary(task), decode_length or each["targets"])
+        group = next((g for g in groups if (g[1], g[2]) == key), None)
+        if group is None:
+            groups.append(({task}, *key))
+        else:
+            group[0].add(task)
+    return groups
+
+
+def _targets_vocabulary(task: str) -> seqio.Vocabulary:
+    """The vocabulary that decodes the task's targets."""
+    return seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+
+
+def _generation_metrics(
+    task: str,
+    examples: Sequence[Example],
+    predictions: Sequence[str],
+    scores: Sequence[float],
+    lengths: Mapping[str, int],
+) -> dict[str, float]:
+    """The task's metrics on decoded texts, and the mean target cross-entropy per token."""
     metrics = task_evaluation.evaluate_predictions(task, examples, predictions)
-    scores = task_evaluation.score_examples(examples, score_fn, lengths, batch_size)
     num_tokens = sum(min(len(ex["targets"]), lengths["targets"]) for ex in examples)
-    return {**metrics, "loss_per_token": float(-scores.sum() / max(num_tokens, 1))}
+    return {**metrics, "loss_per_token": float(-np.sum(scores) / max(num_tokens, 1))}
+
+
+_REPLAY_BATCH = 256  # rows per batch when handing back computed scores (only order matters)
+
+
+def _rank_metrics(
+    task: str, examples: Sequence[Example], scores: Sequence[float]
+) -> dict[str, float]:
+    """A rank task's metrics for candidate scores computed already.
+
+    `rank_classification_metrics` asks a `ScoreFn` batch after batch, in order; this one
+    hands back the given scores in turn.
+    """
+    splits = range(_REPLAY_BATCH, len(examples), _REPLAY_BATCH)
+    chunks = iter(np.array_split(np.asarray(scores), splits))
+    return task_evaluation.rank_classification_metrics(
+        task, examples, lambda batch: next(chunks), full_lengths(examples), _REPLAY_BATCH
+    )
+
+
+def _vote_scores(examples: Sequence[Example], member_scores: np.ndarray) -> np.ndarray:
+    """1 for the candidate most members rank first (ties: the earliest member's), else 0."""
+    rows = [
+        {"example_index": int(ex["example_index"]), "candidate_index": int(ex["candidate_index"])}
+        for ex in examples
+    ]
+    choices = np.array(
+        [
+            [chosen["candidate_index"] for chosen in rank_classification_predictions(rows, scores)]
+            for scores in member_scores
+        ]
+    )
+    indices = sorted({row["example_index"] for row in rows})
+    won = {index: int(majority(choices[:, i])) for i, index in enumerate(indices)}
+    return np.array([float(row["candidate_index"] == won[row["example_index"]]) for row in rows])
+
+
+def _ensemble_texts(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    bank: PromptBank,
+    task: str,
+    batches: Batches,
+    max_length: int,
+) -> tuple[list[list[str]], list[str]]:
+    """Every member's greedy answers `[K][examples]` and their majority vote `[examples]`."""
+    vocabulary = _targets_vocabulary(task)
+    members: list[list[str]] = [[] for _ in bank.names]
+    vote: list[str] = []
+    for batch, size in batches:
+        tokens = jnp.asarray(batch["encoder_input_tokens"])
+        per_member, voted = ensemble_predict(cfg, params, bank, tokens, max_length=max_length)
+        for texts, ids in zip(members, per_member, strict=True):
+            texts += inference.ids_to_texts(vocabulary, ids[:size])
+        vote += inference.ids_to_texts(vocabulary, voted[:size])
+    return members, vote
 
 
 def metric_names(task: str, split: str) -> set[str]:
