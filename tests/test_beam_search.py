@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -42,9 +43,15 @@ def encoder_tokens(cfg, batch: int, seed: int) -> jax.Array:
     return jnp.asarray(tokens)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def encode(cfg, params, tokens: jax.Array) -> jax.Array:
     """The encoder's output for `tokens` (mask = tokens > 0), no prompt."""
     return sp.T5(cfg).apply({"params": params}, tokens, enable_dropout=False, method=sp.T5.encode)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def teacher_forced_logits(cfg, params, tokens: jax.Array, inputs: jax.Array) -> jax.Array:
+    return sp.T5(cfg).apply({"params": params}, tokens, inputs, enable_dropout=False)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,7 @@ def small_setup():
 def token_log_probs(cfg, params, tokens: jax.Array, targets: np.ndarray) -> np.ndarray:
     """Teacher-forced log-softmax `[batch, length, vocab]` of the decoder on `targets`."""
     inputs = np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-    logits = sp.T5(cfg).apply({"params": params}, tokens, jnp.asarray(inputs), enable_dropout=False)
+    logits = teacher_forced_logits(cfg, params, tokens, jnp.asarray(inputs))
     return np.asarray(jax.nn.log_softmax(logits), np.float64)
 
 
