@@ -126,6 +126,34 @@ def run_demo(
     cfg, params = load_pretrained(checkpoint, dtype="float32")
 
     taskless = f"taskless_demo_{TUNED_TASK}"
+
+    def tune(model_dir: Path, task: str, **settings):
+        """The real trainer with the paper's optimizer on the frozen checkpoint."""
+        if model_dir.exists():  # a previous demo's run: start afresh
+            shutil.rmtree(model_dir)
+        return train(
+            model_dir=str(model_dir),
+            checkpoint_path=str(checkpoint),
+            task=task,
+            feature_lengths=FEATURE_LENGTHS,
+            train_steps=tune_steps,
+            batch_size=batch_size,
+            dtype="float32",
+            seed=seed,
+            prompt=PromptSpec(method="sampled_vocab", length=prompt_length, seed=seed),
+            optimizer=AdafactorConfig(),
+            loss=LossConfig(z_loss=1e-4, normalization="sum"),
+            logging=LogConfig(period=50, tensorboard=False),
+            evaluation=EvalConfig(
+                period=tune_steps,
+                max_examples=eval_examples,
+                batch_size=100,
+                feature_lengths=FEATURE_LENGTHS,
+            ),
+            checkpointing=CheckpointConfig(period=tune_steps),
+            **settings,
+        )
+
     evaluate = lambda task, prompt: evaluate_prompt(
         cfg,
         params,
@@ -149,29 +177,7 @@ def run_demo(
         "(frozen weights, Adafactor lr 0.3)"
     )
     prompt_dir = workdir / f"prompt_{TUNED_TASK}"
-    if prompt_dir.exists():  # a previous demo's run: start the prompt afresh
-        shutil.rmtree(prompt_dir)
-    result = train(
-        model_dir=str(prompt_dir),
-        checkpoint_path=str(checkpoint),
-        task=taskless,
-        feature_lengths=FEATURE_LENGTHS,
-        train_steps=tune_steps,
-        batch_size=batch_size,
-        dtype="float32",
-        seed=seed,
-        prompt=PromptSpec(method="sampled_vocab", length=prompt_length, seed=seed),
-        optimizer=AdafactorConfig(),
-        loss=LossConfig(z_loss=1e-4, normalization="sum"),
-        logging=LogConfig(period=50, tensorboard=False),
-        evaluation=EvalConfig(
-            period=tune_steps,
-            max_examples=eval_examples,
-            batch_size=100,
-            feature_lengths=FEATURE_LENGTHS,
-        ),
-        checkpointing=CheckpointConfig(period=tune_steps),
-    )
+    result = tune(prompt_dir, taskless)
     after = result.eval_metrics["accuracy"]
     rows = [
         ("frozen model, task prefix typed in", with_prefix),
@@ -189,29 +195,7 @@ def run_demo(
         f"{TASKLESS_DEMO_MIXTURE}, trained in one run, then one batch mixing all tasks"
     )
     bank_dir = workdir / "prompt_per_task"
-    if bank_dir.exists():
-        shutil.rmtree(bank_dir)
-    bank = train(
-        model_dir=str(bank_dir),
-        checkpoint_path=str(checkpoint),
-        task=TASKLESS_DEMO_MIXTURE,
-        prompt_per_task=True,
-        feature_lengths=FEATURE_LENGTHS,
-        train_steps=tune_steps,
-        batch_size=batch_size,
-        dtype="float32",
-        seed=seed,
-        prompt=PromptSpec(method="sampled_vocab", length=prompt_length, seed=seed),
-        loss=LossConfig(z_loss=1e-4, normalization="sum"),
-        logging=LogConfig(period=50, tensorboard=False),
-        evaluation=EvalConfig(
-            period=tune_steps,
-            max_examples=eval_examples,
-            batch_size=100,
-            feature_lengths=FEATURE_LENGTHS,
-        ),
-        checkpointing=CheckpointConfig(period=tune_steps),
-    ).prompt
+    bank = tune(bank_dir, TASKLESS_DEMO_MIXTURE, prompt_per_task=True).prompt
     mixed = mixed_batch_accuracy(cfg, params, bank, eval_examples)
     log(f"\nOne mixed batch of {eval_examples} validation examples per task:")
     log(f"  {'task':<24} accuracy (each example with its task's prompt)")
