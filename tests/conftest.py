@@ -22,6 +22,29 @@ if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="softprompt-jax-xla-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import softprompt_jax as sp  # noqa: E402  (after the environment above)
+
+# The tiny T5 the end-to-end tests train on the offline demo tasks (byte vocabulary).
+TINY = sp.T5Config(
+    vocab_size=384,
+    emb_dim=16,
+    num_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    dtype="float32",
+)
+
+
+@pytest.fixture(scope="module")
+def frozen_model(tmp_path_factory) -> Path:
+    """`TINY` with random weights, saved as a checkpoint (one per test module)."""
+    path = tmp_path_factory.mktemp("frozen") / "model"
+    sp.save_pretrained(path, TINY, sp.init_params(TINY, 0))
+    return path
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = REPO_ROOT / "tests" / "data"  # every artifact a test reads; see its README.md
 

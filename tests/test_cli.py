@@ -13,30 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY
 
-import softprompt_jax as sp
 from softprompt_jax import cli
 from softprompt_jax.train.state_checkpoints import NUMPY_DIR, PROMPT_SIDECAR
 
 TASK = "demo_multitask"  # offline, byte vocabulary
 LENGTHS = "{'inputs': 16, 'targets': 8}"
-TINY = sp.T5Config(
-    vocab_size=384,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    dtype="float32",
-)
-
-
-@pytest.fixture(scope="module")
-def frozen_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("frozen") / "model"
-    sp.save_pretrained(path, TINY, sp.init_params(TINY, 0))
-    return path
 
 
 def gin_flags(model: Path, **macros) -> list[str]:

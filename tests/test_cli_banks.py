@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
-from conftest import TEST_DATA
+from conftest import TEST_DATA, TINY
 from softprompt_jax.tasks import demo, metrics
 from softprompt_jax.tasks.postprocessors import as_text
 from softprompt_jax.tasks.rank_classification import (
@@ -23,7 +23,6 @@ from softprompt_jax.tasks.rank_classification import (
     expand_to_candidates,
     rank_classification_postprocessor,
 )
-from test_cli import TINY
 
 import softprompt_jax as sp
 from softprompt_jax import cli, commands
@@ -54,13 +53,6 @@ TRUNCATING = "{'inputs': 10, 'targets': 4}"  # "max: abcd" + EOS (10 bytes) fits
 def fingerprint(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
     """A checksum of the predicted texts: equal metrics then mean equal predictions."""
     return {"fingerprint": float(zlib.crc32("\0".join(predictions).encode()))}
-
-
-@pytest.fixture(scope="module")
-def frozen_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("frozen") / "model"
-    sp.save_pretrained(path, TINY, sp.init_params(TINY, 0))
-    return path
 
 
 @pytest.fixture(scope="module")

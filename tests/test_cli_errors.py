@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+from conftest import TINY
 from softprompt_jax.tasks import demo
-from test_cli import LENGTHS, TASK, TINY, gin_flags
+from test_cli import LENGTHS, TASK, gin_flags
 
 import softprompt_jax as sp
 from softprompt_jax import cli, commands
@@ -28,13 +29,6 @@ TRAIN_FILES = ["--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_fine
 EVAL_FILES = ["--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_eval.gin"]
 INFER_FILES = ["--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_infer.gin"]
 BAD_UTF8_TASK = "test_cli_errors_bad_utf8"
-
-
-@pytest.fixture(scope="module")
-def frozen_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("frozen") / "model"
-    sp.save_pretrained(path, TINY, sp.init_params(TINY, 0))
-    return path
 
 
 @pytest.fixture

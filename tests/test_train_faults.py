@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+from conftest import TINY
 from softprompt_jax.tasks import metrics
 from softprompt_jax.tasks.demo import OUTPUT_FEATURES
 from softprompt_jax.tasks.postprocessors import as_text
@@ -49,24 +50,7 @@ from softprompt_jax.train.trainer import (
     train,
 )
 
-TINY = sp.T5Config(
-    vocab_size=384,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    dtype="float32",
-)
 TASK = "demo_multitask"  # offline, byte vocabulary
-
-
-@pytest.fixture(scope="module")
-def frozen_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("frozen") / "model"
-    sp.save_pretrained(path, TINY, sp.init_params(TINY, 0))
-    return path
 
 
 def run(model: Path, model_dir: Path, steps: int, *, period: int = 2, **changes):

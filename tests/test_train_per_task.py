@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from softprompt_jax.tasks.demo import DEMO_MIXTURE, VOCABULARY
 
 import softprompt_jax as sp
@@ -46,26 +47,9 @@ from softprompt_jax.train.trainer import (
     train,
 )
 
-TINY = sp.T5Config(
-    vocab_size=384,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    dtype="float32",
-)
 TASKS = ["demo_len", "demo_max", "demo_min"]  # the mixture's tasks, by name: the bank's order
 LENGTHS = {"inputs": 12, "targets": 4}  # "max: abcdef" + EOS fits whole
 PROMPT_LENGTH = 3
-
-
-@pytest.fixture(scope="module")
-def frozen_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("frozen") / "model"
-    sp.save_pretrained(path, TINY, sp.init_params(TINY, 0))
-    return path
 
 
 def run(model: Path, model_dir: Path, steps: int, **changes):

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TINY
 
 import softprompt_jax as sp
 from softprompt_jax.losses import LossConfig
@@ -20,16 +21,6 @@ from softprompt_jax.train.trainer import (
     train,
 )
 
-TINY = sp.T5Config(
-    vocab_size=384,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    dtype="float32",
-)
 TRAIN_LENGTHS = {"inputs": 6, "targets": 4}  # demo inputs ("max: cafe" + EOS) are longer
 
 
