@@ -13,14 +13,11 @@ JSON (NaN and infinities become null).
 from __future__ import annotations
 
 import difflib
-import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import seqio
 
 from softprompt_jax import infer_rows, inspection, storage
@@ -218,7 +215,7 @@ def inspect_prompts(
     )
     print(inspection.format_report(report, task))
     if json_file is not None:
-        storage.write_text_atomic(json_file, _strict_json(report, indent=2) + "\n")
+        storage.write_text_atomic(json_file, storage.strict_json(report, indent=2) + "\n")
     return report
 
 
@@ -496,7 +493,7 @@ def _prediction_line(row: infer_rows.InferRow, prediction: infer_rows.Prediction
     line |= {"inputs": row.text, "prediction": prediction.text}
     if prediction.scores is not None:
         line["scores"] = list(prediction.scores)
-    return _strict_json({**line, "truncated": row.truncated})
+    return storage.strict_json({**line, "truncated": row.truncated})
 
 
 def _write_eval(
@@ -510,7 +507,7 @@ def _write_eval(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {**header, "metrics": metrics}
-    storage.write_text_atomic(out / "metrics.json", _strict_json(record, indent=2) + "\n")
+    storage.write_text_atomic(out / "metrics.json", storage.strict_json(record, indent=2) + "\n")
     writer = MetricsWriter(out, tensorboard=False)
     split = header["split"]
     for task, each in by_task.items():
@@ -549,18 +546,3 @@ def _input_texts(examples: Sequence[Mapping[str, Any]], where: str) -> list[str]
                 f"({error.reason} at byte {error.start}: {raw[error.start : error.end]!r})"
             ) from error
     return texts
-
-
-def _strict_json(value: Any, **kwargs) -> str:
-    """JSON that strict parsers accept: NaN and infinities are written as null."""
-    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
-
-
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -112,3 +116,19 @@ def append_text(path: PathLike, text: str) -> None:
     """Append to a log-like file (a bucket object is rewritten whole: objects are immutable)."""
     with as_path(path).open("a") as f:
         f.write(text)
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """JSON that strict parsers accept: NaN and infinities are written as null."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def finite_or_none(value: Any) -> Any:
+    """`value` with every NaN or infinite float (nested in dicts and lists too) as None."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import sys
 import time
 
@@ -42,13 +41,11 @@ class MetricsWriter:
         """Append one JSON line and the matching TensorBoard scalars (`kind[/task]/name`)."""
         if not self.enabled:
             return
-        record = {
-            "kind": kind,
-            "step": step,
-            "time": time.time(),
-            **{k: _plain(v) for k, v in values.items()},
-        }
-        storage.append_text(self.path, json.dumps(record, allow_nan=False) + "\n")
+        record = storage.finite_or_none(  # NaN and infinities as null: JSON has neither
+            {"kind": kind, "step": step, "time": time.time()}
+            | {k: _plain(v) for k, v in values.items()}
+        )
+        storage.append_text(self.path, storage.strict_json(record) + "\n")
         if self._summary is not None:
             import tensorflow as tf
 
@@ -99,12 +96,11 @@ def _scalar_metadata():
 
 
 def _plain(value):
-    """A float for numbers (None for NaN and infinities, which JSON lacks); others as given."""
+    """A float for numbers (device scalars included); others as given."""
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError):
         return value
-    return number if math.isfinite(number) else None
 
 
 def _parsed(line: str) -> tuple[str, dict | None]:
