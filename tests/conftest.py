@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,37 @@ TINY = sp.T5Config(
     num_decoder_layers=1,
     dtype="float32",
 )
+
+
+def train_interrupted(
+    argv: list[str], interrupt_at: Callable[[str], bool], reference_argv: list[str]
+) -> tuple[int, str]:
+    """`softprompt-jax <argv>` in a subprocess, sent SIGINT at the first output line that
+    `interrupt_at` accepts; meanwhile the uninterrupted `reference_argv` runs in this process.
+    Returns the subprocess's exit status and its output."""
+    from softprompt_jax import cli
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "softprompt_jax.cli", *argv],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+
+    def interrupt_on_trigger() -> None:
+        for line in process.stdout:
+            output.append(line)
+            if interrupt_at(line):
+                process.send_signal(signal.SIGINT)
+
+    reader = threading.Thread(target=interrupt_on_trigger, daemon=True)
+    reader.start()
+    assert cli.main(reference_argv) == 0
+    reader.join(timeout=300)
+    process.wait(timeout=60)
+    return process.returncode, "".join(output)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
-from conftest import TINY
+from conftest import TINY, train_interrupted
 from softprompt_jax.tasks import metrics
 from softprompt_jax.tasks.demo import OUTPUT_FEATURES
 from softprompt_jax.tasks.postprocessors import as_text
@@ -453,29 +452,11 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(
 ):
     interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
     argv = lambda model_dir: cli_argv(frozen_model, model_dir, steps, EVAL_PERIOD=eval_period)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "softprompt_jax.cli", *argv(interrupted)],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-
-    def interrupt_on_trigger() -> None:
-        for line in process.stdout:
-            output.append(line)
-            if trigger in line:
-                process.send_signal(signal.SIGINT)
-
-    reader = threading.Thread(target=interrupt_on_trigger, daemon=True)
-    reader.start()
     # Dropout on (the tiny gin keeps DROPOUT_RATE=0.1): the rng schedule must resume too.
-    assert cli.main(argv(reference)) == 0  # meanwhile, the uninterrupted run
-    reader.join(timeout=300)
-    process.wait(timeout=60)
-    text = "".join(output)
-    assert process.returncode == cli.EXIT_INTERRUPTED, text[-3000:]
+    returncode, text = train_interrupted(
+        argv(interrupted), lambda line: trigger in line, argv(reference)
+    )
+    assert returncode == cli.EXIT_INTERRUPTED, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     stopped = [int(m.group(1)) for m in INTERRUPTED.finditer(text)]
     assert len(stopped) == 1, text[-3000:]

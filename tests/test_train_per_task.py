@@ -11,19 +11,14 @@ import contextlib
 import io
 import itertools
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, train_interrupted
 from softprompt_jax.tasks.demo import DEMO_MIXTURE, VOCABULARY
 
 import softprompt_jax as sp
@@ -398,29 +393,13 @@ def test_sigint_during_a_tasks_evaluation_then_the_rerun_ends_as_an_uninterrupte
     frozen_model, tmp_path
 ):
     interrupted, reference_dir = tmp_path / "interrupted", tmp_path / "reference"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "softprompt_jax.cli", *train_argv(frozen_model, interrupted, 6)],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-
-    def interrupt_on_trigger() -> None:
-        for line in process.stdout:
-            output.append(line)
-            if line.startswith("evaluating step 2 on demo_max"):
-                process.send_signal(signal.SIGINT)
-
-    reader = threading.Thread(target=interrupt_on_trigger, daemon=True)
-    reader.start()
     # Dropout on (the tiny gin keeps DROPOUT_RATE=0.1): the rng schedule must resume too.
-    assert cli.main(train_argv(frozen_model, reference_dir, 6)) == 0  # meanwhile
-    reader.join(timeout=300)
-    process.wait(timeout=60)
-    text = "".join(output)
-    assert process.returncode == cli.EXIT_INTERRUPTED, text[-3000:]
+    returncode, text = train_interrupted(
+        train_argv(frozen_model, interrupted, 6),
+        lambda line: line.startswith("evaluating step 2 on demo_max"),
+        train_argv(frozen_model, reference_dir, 6),
+    )
+    assert returncode == cli.EXIT_INTERRUPTED, text[-3000:]
     assert "interrupted at step 2 (SIGINT)" in text, text[-3000:]
     # The evaluation of every task ends first, then the run stops.
     assert [(r["step"], r["task"]) for r in eval_records(interrupted)] == [(2, t) for t in TASKS]
