@@ -162,6 +162,12 @@ def mask_to_bias(key_mask: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jnp.where(key_mask[:, None, None, :] > 0, 0.0, MASK_BIAS).astype(dtype)
 
 
+def segment_bias(query_segments: jax.Array, key_segments: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`[b, q]`, `[b, k]` packed segment ids -> additive `[b, 1, q, k]` bias, 0 within a segment."""
+    same = query_segments[:, None, :, None] == key_segments[:, None, None, :]
+    return jnp.where(same, 0.0, MASK_BIAS).astype(dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """T5 attention: no 1/sqrt(d) scaling, additive bias, optional decode cache."""
 

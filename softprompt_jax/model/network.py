@@ -4,6 +4,12 @@
 T5 (ReLU, logits through the tied embedding). The encoder accepts either token
 ids or ready-made input embeddings plus a mask; that second door is where a
 soft prompt enters, and it is all the model knows about prompts.
+
+Packed rows (several examples per row, as seqio packs them) carry T5X's
+`encoder_segment_ids` / `decoder_segment_ids` (0 = padding): attention stays
+within a segment. T5's relative position bias depends only on index differences,
+which inside a contiguous segment equal the per-segment position differences, so
+the segment masks are all packing needs (T5X accepts `*_positions` and ignores them).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from softprompt_jax.model.layers import (
     attention_block_kwargs,
     constrain,
     mask_to_bias,
+    segment_bias,
 )
 
 _REMAT_POLICIES = {
@@ -128,8 +135,10 @@ class Encoder(nn.Module):
         *,
         enable_dropout: bool,
         undropped_prefix: int = 0,
+        segment_ids: jax.Array | None = None,
     ):
-        """`undropped_prefix` leading positions (a prompt) skip the input dropout."""
+        """`undropped_prefix` leading positions (a prompt) skip the input dropout;
+        `segment_ids` `[b, l]` keep attention within each packed segment."""
         cfg = self.config
         deterministic = not enable_dropout
         length = embeddings.shape[1]
@@ -141,6 +150,8 @@ class Encoder(nn.Module):
             name="relpos_bias",
         )(length, length, bidirectional=True)
         bias = relpos + mask_to_bias(mask, cfg.compute_dtype)
+        if segment_ids is not None:
+            bias = bias + segment_bias(segment_ids, segment_ids, cfg.compute_dtype)
         dropped = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
             embeddings, deterministic=deterministic
         )
@@ -177,8 +188,14 @@ class Decoder(nn.Module):
         enable_dropout: bool,
         decode: bool,
         max_decode_length: int | None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
+        if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+            raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
+        if decode and decoder_segment_ids is not None:
+            raise ValueError("packed rows (segment ids) cannot be decoded step by step")
         deterministic = not enable_dropout
         length = decoder_input_tokens.shape[1]
         bias_length = max_decode_length if decode and max_decode_length else length
@@ -195,6 +212,10 @@ class Decoder(nn.Module):
             if decoder_target_tokens is not None:
                 self_bias = self_bias + mask_to_bias(decoder_target_tokens > 0, cfg.compute_dtype)
         cross_bias = mask_to_bias(encoder_mask, cfg.compute_dtype)
+        if decoder_segment_ids is not None:
+            dtype = cfg.compute_dtype
+            self_bias = self_bias + segment_bias(decoder_segment_ids, decoder_segment_ids, dtype)
+            cross_bias = cross_bias + segment_bias(decoder_segment_ids, encoder_segment_ids, dtype)
 
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         x = self.shared_embedding(decoder_input_tokens)
@@ -241,19 +262,25 @@ class T5(nn.Module):
         *,
         encoder_input_embeddings: jax.Array | None = None,
         encoder_mask: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
         enable_dropout: bool = True,
         undropped_prefix: int = 0,
     ) -> jax.Array:
         """Encode token ids (mask = ids > 0), or embeddings with an explicit mask.
 
         Input dropout hits every position (as in T5X, prompt included) except the first
-        `undropped_prefix` ones.
+        `undropped_prefix` ones. `encoder_segment_ids` `[b, l]` (packed rows) cover the rows
+        passed, prompt slots included; with embeddings they stand in for a missing mask (> 0).
         """
         embeddings, mask = self._encoder_inputs(
-            encoder_input_tokens, encoder_input_embeddings, encoder_mask
+            encoder_input_tokens, encoder_input_embeddings, encoder_mask, encoder_segment_ids
         )
         return self.encoder(
-            embeddings, mask, enable_dropout=enable_dropout, undropped_prefix=undropped_prefix
+            embeddings,
+            mask,
+            enable_dropout=enable_dropout,
+            undropped_prefix=undropped_prefix,
+            segment_ids=encoder_segment_ids,
         )
 
     def decode(
@@ -263,11 +290,17 @@ class T5(nn.Module):
         decoder_input_tokens: jax.Array,
         decoder_target_tokens: jax.Array | None = None,
         *,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
         enable_dropout: bool = True,
         decode: bool = False,
         max_decode_length: int | None = None,
     ) -> jax.Array:
-        """Decoder logits `[b, l, vocab]` (float32) given the encoder's output and mask."""
+        """Decoder logits `[b, l, vocab]` (float32) given the encoder's output and mask.
+
+        Packed rows pass both segment ids: decoder self-attention stays causal within a
+        segment and cross-attention reaches only the encoder rows of the same segment.
+        """
         return self.decoder(
             encoded,
             encoder_mask,
@@ -276,6 +309,8 @@ class T5(nn.Module):
             enable_dropout=enable_dropout,
             decode=decode,
             max_decode_length=max_decode_length,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
         )
 
     def __call__(
@@ -286,39 +321,54 @@ class T5(nn.Module):
         *,
         encoder_input_embeddings: jax.Array | None = None,
         encoder_mask: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
         enable_dropout: bool = True,
         undropped_prefix: int = 0,
     ) -> jax.Array:
-        """Teacher-forced logits `[b, target_len, vocab]`; token 0 is padding."""
+        """Teacher-forced logits `[b, target_len, vocab]`; token 0 is padding.
+
+        Packed rows pass `encoder_segment_ids` and `decoder_segment_ids` (T5X's features,
+        0 = padding); each segment then sees only itself.
+        """
         embeddings, mask = self._encoder_inputs(
-            encoder_input_tokens, encoder_input_embeddings, encoder_mask
+            encoder_input_tokens, encoder_input_embeddings, encoder_mask, encoder_segment_ids
         )
         encoded = self.encoder(
-            embeddings, mask, enable_dropout=enable_dropout, undropped_prefix=undropped_prefix
+            embeddings,
+            mask,
+            enable_dropout=enable_dropout,
+            undropped_prefix=undropped_prefix,
+            segment_ids=encoder_segment_ids,
         )
         return self.decode(
             encoded,
             mask,
             decoder_input_tokens,
             decoder_target_tokens,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
             enable_dropout=enable_dropout,
         )
 
-    def _encoder_inputs(self, tokens, embeddings, mask):
+    def _encoder_inputs(self, tokens, embeddings, mask, segment_ids):
         if (tokens is None) == (embeddings is None):
             raise ValueError(
                 "pass exactly one of encoder_input_tokens and encoder_input_embeddings"
             )
         if tokens is not None:
-            return self.embed(tokens), (tokens > 0) if mask is None else mask
+            embeddings, mask = self.embed(tokens), (tokens > 0) if mask is None else mask
+        elif mask is None and segment_ids is not None:
+            mask = segment_ids > 0
         if mask is None:
             raise ValueError(
                 "encoder_input_embeddings needs an explicit encoder_mask [batch, length]"
             )
-        if mask.shape != embeddings.shape[:2]:
-            raise ValueError(
-                f"encoder_mask has shape {mask.shape}; embeddings have shape {embeddings.shape}"
-            )
+        for name, value in (("encoder_mask", mask), ("encoder_segment_ids", segment_ids)):
+            if value is not None and value.shape != embeddings.shape[:2]:
+                raise ValueError(
+                    f"{name} has shape {value.shape}; embeddings have shape {embeddings.shape}"
+                )
         return embeddings, mask
 
 
