@@ -11,13 +11,16 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from softprompt_jax.checkpoints import native
 from softprompt_jax.checkpoints.reader import check_shapes, model_view, open_pretrained
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.model.config import T5Config, param_dtype
+from softprompt_jax.model.config import T5Config
+from softprompt_jax.model.families import ModelConfig, param_dtype
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: str = "bfloat16", config: T5Config | None = None
-) -> tuple[T5Config, dict]:
+    path: str | os.PathLike, dtype: str = "bfloat16", config: ModelConfig | None = None
+) -> tuple[ModelConfig, dict]:
     """Load `(config, params)` from a T5X, Hugging Face or native checkpoint, cast to `dtype`.
+
+    Hugging Face GPT-2 and Llama-family dirs give a `GPT2Config` / `LlamaConfig`.
 
     Without `config` it comes from the checkpoint (inferred from shapes for T5X); either way its
     compute dtype becomes `dtype` and every param is checked against `param_shapes(config)`
@@ -46,7 +49,7 @@ def save_pretrained(
     return native.save_native(path, cfg, params, overwrite=overwrite)
 
 
-def check_params(params: dict, cfg: T5Config, source: str) -> None:
+def check_params(params: dict, cfg: ModelConfig, source: str) -> None:
     """Raise SoftpromptError naming `source`, key and shapes if `params` do not fit `cfg`."""
     flat = flatten_dict(params, sep="/")
     for key, value in flat.items():

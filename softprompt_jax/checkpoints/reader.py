@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from softprompt_jax.checkpoints import huggingface, native, official, t5x_legacy
+from softprompt_jax.checkpoints import hf_decoder, huggingface, native, official, t5x_legacy
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.model.config import T5Config
-from softprompt_jax.model.network import param_shapes
+from softprompt_jax.model.families import ModelConfig, param_shapes
 from softprompt_jax.model.scan import Index, is_scanned, relayout
 
 T5X, HUGGINGFACE, NATIVE = "t5x", "huggingface", "native"
@@ -35,7 +34,10 @@ _MAX_REPORTED = 10
 # Each gives `source` (the file or dir errors name), `config(dtype)`, `shapes()`, `dtypes()` and
 # `read(key, index)`; nothing else of a format is seen outside its module.
 CheckpointReader = (
-    t5x_legacy.T5XCheckpoint | huggingface.HuggingFaceCheckpoint | native.NativeCheckpoint
+    t5x_legacy.T5XCheckpoint
+    | huggingface.HuggingFaceCheckpoint
+    | hf_decoder.HuggingFaceDecoderCheckpoint
+    | native.NativeCheckpoint
 )
 
 
@@ -70,6 +72,10 @@ def detect_format(path: str | os.PathLike) -> tuple[str, str]:
 def open_pretrained(path: str | os.PathLike) -> CheckpointReader:
     """Detect the format of `path` once and open its reader (metadata only, no array data)."""
     kind, location = detect_format(path)
+    if kind == HUGGINGFACE and hf_decoder.is_decoder_only_config(
+        hf_decoder.read_hf_config(Path(location))
+    ):
+        return hf_decoder.open_hf_decoder(location)
     opener = {
         T5X: t5x_legacy.open_checkpoint,
         HUGGINGFACE: huggingface.open_huggingface,
@@ -79,7 +85,7 @@ def open_pretrained(path: str | os.PathLike) -> CheckpointReader:
 
 
 def model_view(
-    reader: CheckpointReader, cfg: T5Config
+    reader: CheckpointReader, cfg: ModelConfig
 ) -> tuple[dict[str, tuple[int, ...]], Callable[[str, Index], np.ndarray]]:
     """The checkpoint's params in `cfg`'s layer layout, checked against `cfg` before any read.
 
@@ -98,7 +104,7 @@ def model_view(
     return relayout(shapes, reader.read, cfg.scan_layers)
 
 
-def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: T5Config, source: str) -> None:
+def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, source: str) -> None:
     """Raise SoftpromptError naming `source`, the keys and both shapes where `shapes` miss `cfg`.
 
     The first line names the first mismatch; the others follow one per line.
@@ -133,5 +139,5 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: T5Config, source: str)
 
 
 @functools.lru_cache(maxsize=8)
-def _expected_shapes(cfg: T5Config) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {key: tuple(s.shape) for key, s in flatten_dict(param_shapes(cfg), sep="/").items()}

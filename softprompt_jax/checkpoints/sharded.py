@@ -17,17 +17,17 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax.checkpoints.reader import model_view, open_pretrained
-from softprompt_jax.model.config import T5Config, param_dtype
+from softprompt_jax.model.families import ModelConfig, param_dtype
 from softprompt_jax.model.scan import Index
 
 
-def read_config(path: str | os.PathLike, dtype: str = "bfloat16") -> T5Config:
+def read_config(path: str | os.PathLike, dtype: str = "bfloat16") -> ModelConfig:
     """The model config of a checkpoint, from metadata only (no array data is read)."""
     return open_pretrained(path).config(jnp.dtype(dtype).name)
 
 
 def load_sharded(
-    path: str | os.PathLike, cfg: T5Config, shardings: Any, dtype: str | None = None
+    path: str | os.PathLike, cfg: ModelConfig, shardings: Any, dtype: str | None = None
 ) -> dict:
     """Frozen params as global arrays laid out by `shardings` (from `param_shardings`).
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from softprompt_jax.model import T5Config, logical_axes, param_shapes
+from softprompt_jax.model.families import ModelConfig, logical_axes, param_shapes
 from softprompt_jax.partitioning.rules import Rules, standard_logical_axis_rules
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ def resolve_spec(
     return PartitionSpec(*entries)
 
 
-def param_specs(cfg: T5Config, axis_sizes: Mapping[str, int], rules: Rules | None = None) -> dict:
+def param_specs(
+    cfg: ModelConfig, axis_sizes: Mapping[str, int], rules: Rules | None = None
+) -> dict:
     """Mesh-axis `PartitionSpec` per frozen param, for a mesh of the given axis sizes."""
     rules = standard_logical_axis_rules() if rules is None else rules
     return jax.tree_util.tree_map_with_path(
@@ -66,7 +68,7 @@ def param_specs(cfg: T5Config, axis_sizes: Mapping[str, int], rules: Rules | Non
     )
 
 
-def param_shardings(cfg: T5Config, mesh: Mesh, rules: Rules | None = None) -> dict:
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules | None = None) -> dict:
     """`NamedSharding` per frozen param: where each device's slice of the model lives."""
     return jax.tree_util.tree_map(
         lambda spec: NamedSharding(mesh, spec),

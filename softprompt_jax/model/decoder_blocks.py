@@ -1,0 +1,223 @@
+"""Building blocks shared by the decoder-only networks (GPT-2, Llama family) in Flax linen.
+
+Causal self-attention with grouped-query heads, optional RoPE, per-layer key/value
+prefixes (prefix tuning, P-tuning v2) and a decode cache written at an explicit index;
+the attention mask over `[prefix; keys]`; and the layer stack, per layer (`layers_N`) or
+scanned, with remat, as T5's. Every parameter and large activation has logical axis names.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from softprompt_jax.model.decoder_config import DecoderOnlyConfig
+from softprompt_jax.model.layers import MASK_BIAS, constrain
+
+_REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+_init = nn.initializers.normal(0.02)
+
+
+class Linear(nn.Module):
+    """`x @ kernel (+ bias)` with a `[in, out]` kernel; the output in the compute dtype."""
+
+    features: int
+    kernel_axes: tuple[str, str]
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(_init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            jnp.float32,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[1:]),
+                (self.features,),
+                jnp.float32,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """GPT-2's LayerNorm (mean and variance in float32, `scale` and `bias`)."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        axes = nn.with_logical_partitioning
+        scale = self.param("scale", axes(nn.initializers.ones, ("embed",)), features, jnp.float32)
+        bias = self.param("bias", axes(nn.initializers.zeros, ("embed",)), features, jnp.float32)
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding as Hugging Face's Llama: halves rotated, angles in float32.
+
+    `x` `[batch, length, heads, head_dim]`, `positions` `[batch, length]`.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = head_dim // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_bias(
+    key_mask: jax.Array,
+    query_length: int,
+    *,
+    prefix_length: int = 0,
+    query_start: jax.Array | int = 0,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Additive float32 bias `[batch, 1, query, prefix + keys]` over `[prefix; keys]`.
+
+    Keys are numbered from 0 (prefix first); query `i` is key number
+    `prefix_length + query_start + i`, and sees the keys up to itself (causal), within
+    `sliding_window`, that `key_mask` `[batch, keys]` marks valid. Prefix keys are valid.
+    """
+    batch = key_mask.shape[0]
+    valid = jnp.concatenate([jnp.ones((batch, prefix_length), bool), key_mask > 0], axis=1)
+    key_index = jnp.arange(valid.shape[1])
+    query_index = prefix_length + query_start + jnp.arange(query_length)
+    seen = key_index[None, :] <= query_index[:, None]
+    if sliding_window is not None:
+        seen &= query_index[:, None] - key_index[None, :] < sliding_window
+    visible = seen[None, None] & valid[:, None, None, :]
+    return jnp.where(visible, 0.0, MASK_BIAS).astype(jnp.float32)
+
+
+class CausalSelfAttention(nn.Module):
+    """Grouped-query causal self-attention, scaled by `1/sqrt(head_dim)`, softmax in float32.
+
+    `prefix` is this layer's `(key, value)`, each `[batch or 1, P, kv_heads, head_dim]`, put in
+    front of the keys and values (after RoPE, which they do not get: as PEFT's cache). With
+    `decode`, this call's keys and values are written into the cache at `cache_index` and
+    attention runs over the whole cache (the first call, from `init_cache`, makes it).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    out_bias: bool = False
+    rope_theta: float | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        bias: jax.Array,
+        positions: jax.Array,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
+        *,
+        decode: bool = False,
+        cache_index: jax.Array | int = 0,
+    ) -> jax.Array:
+        batch, length, _ = x.shape
+
+        def project(name: str, heads: int) -> jax.Array:
+            dense = Linear(
+                heads * self.head_dim, ("embed", "joined_kv"), self.qkv_bias, self.dtype, name=name
+            )
+            y = dense(x).reshape(batch, length, heads, self.head_dim)
+            return constrain(y, ("batch", "length", "heads", "kv"))
+
+        query = project("query", self.num_heads)
+        key = project("key", self.num_kv_heads)
+        value = project("value", self.num_kv_heads)
+        if self.rope_theta is not None:
+            query = apply_rope(query, positions, self.rope_theta)
+            key = apply_rope(key, positions, self.rope_theta)
+        if decode:
+            key, value = self._update_cache(key, value, cache_index)
+        if prefix is not None:
+            join = lambda p, k: jnp.concatenate(
+                [jnp.broadcast_to(p, (batch, *p.shape[1:])).astype(k.dtype), k], axis=1
+            )
+            key, value = join(prefix[0], key), join(prefix[1], value)
+        groups = self.num_heads // self.num_kv_heads
+        query = query.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", query, key).astype(jnp.float32)
+        logits = logits / jnp.sqrt(self.head_dim).astype(jnp.float32) + bias[:, :, None]
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", weights, value)
+        out = out.reshape(batch, length, self.num_heads * self.head_dim)
+        return Linear(x.shape[-1], ("joined_kv", "embed"), self.out_bias, self.dtype, name="out")(
+            out
+        )
+
+    def _update_cache(self, key: jax.Array, value: jax.Array, index: jax.Array | int):
+        """The whole cache with this call's keys and values written at `index`."""
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        start = (0, index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+        return cached_key.value, cached_value.value
+
+
+def run_layers(
+    layer_cls: type[nn.Module],
+    cfg: DecoderOnlyConfig,
+    x: jax.Array,
+    bias: jax.Array,
+    positions: jax.Array,
+    prefix: tuple[jax.Array, jax.Array] | None,
+    cache_index: jax.Array | int,
+    **layer_kwargs,
+) -> jax.Array:
+    """`cfg.num_layers` layers as `layers_N` modules or one scanned `layers` stack (as T5's).
+
+    `prefix` holds every layer's keys and values `[layers, batch or 1, P, kv_heads, head_dim]`;
+    layer `i` gets row `i` (scanned over, in the stack).
+    """
+    if cfg.remat_policy != "none":
+        layer_cls = nn.remat(
+            layer_cls,
+            policy=_REMAT_POLICIES[cfg.remat_policy],
+            prevent_cse=not cfg.scan_layers,
+        )
+    if cfg.scan_layers:
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0 if prefix is not None else nn.broadcast)
+            + (nn.broadcast,),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(config=cfg, scanned=True, name="layers", **layer_kwargs)(
+            x, bias, positions, prefix, cache_index
+        )
+        return x
+    for i in range(cfg.num_layers):
+        layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
+        x = layer_cls(config=cfg, name=f"layers_{i}", **layer_kwargs)(
+            x, bias, positions, layer_prefix, cache_index
+        )
+    return x
