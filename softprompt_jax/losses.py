@@ -12,7 +12,13 @@ over tokens is then normalised one of two ways:
 - `"sum"`: T5X's default for T5 1.1 (`loss_normalizing_factor=None`), used by the
   official prompt-tuning runs;
 - `"mean_tokens"`: divided by the number of weighted target tokens, which is
-  Hugging Face's (and PEFT's) mean over non-padding labels.
+  Hugging Face's (and PEFT's) mean over non-padding labels (T5X's
+  `NUM_REAL_TARGET_TOKENS`);
+- `"mean_sequences"`: T5X's `AVERAGE_PER_SEQUENCE`: each sequence's mean over its weighted
+  tokens, averaged over the sequences (a packed row's segments count one by one; a row or
+  segment without target tokens counts for nothing).
+
+All three give the same loss on packed rows as on the same examples unpacked.
 
 Autodiff of this loss gives exactly T5X's custom VJP,
 `(1 + 2 * z_loss * logZ) * softmax - soft_targets`.
@@ -30,12 +36,12 @@ import jax.numpy as jnp
 
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model import T5Config
-from softprompt_jax.prompts import prompted_logits
+from softprompt_jax.prompts import packing_features, prompted_logits
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-NORMALIZATIONS = ("mean_tokens", "sum")
+NORMALIZATIONS = ("mean_tokens", "sum", "mean_sequences")
 
 
 def token_cross_entropy(
@@ -68,6 +74,20 @@ def loss_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
     return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
 
 
+def sequence_weights(weights: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Each sequence's loss weights divided by their sum: its tokens' share of its mean.
+
+    `segment_ids` `[batch, length]` (packed rows) make each segment a sequence; otherwise
+    each row is one. A sequence without weighted tokens keeps weights 0.
+    """
+    if segment_ids is None:
+        totals = jnp.sum(weights, axis=-1, keepdims=True)
+    else:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        totals = jnp.einsum("bij,bj->bi", same.astype(weights.dtype), weights)
+    return jnp.where(totals > 0, weights / jnp.where(totals > 0, totals, 1.0), 0.0)
+
+
 def weighted_cross_entropy(
     logits: jax.Array,
     targets: jax.Array,
@@ -76,8 +96,13 @@ def weighted_cross_entropy(
     z_loss: float = 0.0,
     label_smoothing: float = 0.0,
     normalization: str = "sum",
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar loss and T5X-style metrics (`loss`, `z_loss`, `cross_ent_loss`, ...)."""
+    """Scalar loss and T5X-style metrics (`loss`, `z_loss`, `cross_ent_loss`, ...).
+
+    `segment_ids` (packed rows' `decoder_segment_ids`) delimit the sequences for
+    `"mean_sequences"`; the other normalisations need no segments.
+    """
     if normalization not in NORMALIZATIONS:
         raise SoftpromptError(
             f"loss normalization {normalization!r}; expected one of {NORMALIZATIONS}"
@@ -86,9 +111,15 @@ def weighted_cross_entropy(
         logits, targets, z_loss=z_loss, label_smoothing=label_smoothing
     )
     num_tokens = jnp.sum(weights)
-    divisor = jnp.maximum(num_tokens, 1.0) if normalization == "mean_tokens" else 1.0
-    loss = jnp.sum(per_token * weights) / divisor
-    total_z_loss = jnp.sum(z_term * weights) / divisor
+    normalized = weights
+    divisor = 1.0
+    if normalization == "mean_tokens":
+        divisor = jnp.maximum(num_tokens, 1.0)
+    elif normalization == "mean_sequences":
+        normalized = sequence_weights(weights, segment_ids)
+        divisor = jnp.maximum(jnp.sum(normalized), 1.0)
+    loss = jnp.sum(per_token * normalized) / divisor
+    total_z_loss = jnp.sum(z_term * normalized) / divisor
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     metrics = {
         "loss": loss,
@@ -126,7 +157,12 @@ def prompt_loss(
     loss_config: LossConfig,
     dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """The scalar loss of a prompt on a T5X feature batch, with metrics (prompt first for grad)."""
+    """The scalar loss of a prompt on a T5X feature batch, with metrics (prompt first for grad).
+
+    A packed batch (seqio's `encoder_segment_ids`, `encoder_positions`, `decoder_segment_ids`,
+    each example's prompt slots reserved) gives the loss of its examples unpacked.
+    """
+    packing = packing_features(batch)
     logits = prompted_logits(
         cfg,
         params,
@@ -138,6 +174,7 @@ def prompt_loss(
         enable_dropout=loss_config.enable_dropout,
         dropout_rng=dropout_rng,
         prompt_dropout=loss_config.prompt_dropout,
+        packing=packing,
     )
     return weighted_cross_entropy(
         logits,
@@ -146,7 +183,40 @@ def prompt_loss(
         z_loss=loss_config.z_loss,
         label_smoothing=loss_config.label_smoothing,
         normalization=loss_config.normalization,
+        segment_ids=None if packing is None else packing["decoder_segment_ids"],
     )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_segments"))
+def packed_scores(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array,
+    batch: Batch,
+    max_segments: int,
+) -> jax.Array:
+    """Per-segment sums of target log-likelihoods `[batch, max_segments]` of packed rows.
+
+    Column j holds segment j + 1 of each row (0 where a row has fewer segments): with the
+    segments in order, these are `score_batch`'s per-example scores of the examples unpacked.
+    """
+    packing = packing_features(batch)
+    if packing is None:
+        raise SoftpromptError("packed_scores needs a packed batch (encoder_segment_ids, ...)")
+    targets = batch["decoder_target_tokens"]
+    logits = prompted_logits(
+        cfg,
+        params,
+        prompt,
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        decoder_target_tokens=targets,
+        packing=packing,
+    )
+    token_loss, _ = token_cross_entropy(logits, targets)
+    segments = jnp.arange(1, max_segments + 1)
+    in_segment = packing["decoder_segment_ids"][:, None, :] == segments[None, :, None]
+    return -jnp.sum(jnp.where(in_segment, (token_loss * loss_weights(batch))[:, None, :], 0), -1)
 
 
 @functools.partial(

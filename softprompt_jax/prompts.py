@@ -5,6 +5,12 @@ A prompt is a float32 array `[length, emb_dim]`; a bank of prompts is
 row of the bank that example sees. The prompt is prepended to the encoder's
 input embeddings and the encoder mask gets ones in front; the decoder is
 untouched (as in T5X's prompt-tuning code and Hugging Face PEFT).
+
+Packed rows (several examples per row, seqio's packing, T5X's `encoder_segment_ids` and
+`encoder_positions`) hold each example's prompt at the start of its segment instead: the data
+pipeline reserves the prompt's positions in front of every example's inputs before packing
+(slot tokens `prompt_slot_token(prompt id)`), and `fill_prompt_slots` writes the prompt over
+them. Inside a segment the rows are then exactly those of the unpacked example.
 """
 
 from __future__ import annotations
@@ -194,6 +200,61 @@ def prepend_prompt(
     )
 
 
+def prompt_slot_token(prompt_id: int) -> int:
+    """The token id that reserves a prompt position for prompt `prompt_id` (never 0, padding).
+
+    Slot tokens are never embedded as tokens: `fill_prompt_slots` replaces them. A bank reads
+    each segment's prompt id back from its first slot.
+    """
+    return prompt_id + 1
+
+
+def fill_prompt_slots(
+    prompt: jax.Array | PromptBank,
+    embeddings: jax.Array,
+    encoder_input_tokens: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+) -> jax.Array:
+    """Packed rows: each segment's first P positions (its reserved slots) become its prompt.
+
+    `segment_ids` / `positions` `[batch, length]` are seqio's packing features (positions
+    restart at 0 in every segment). A shared prompt `[P, d]` fills the first P positions of
+    every segment; a bank (`[N, P, d]`, or a `PromptBank` of any lengths) fills the first
+    `P_id` positions with prompt `id`, read from the segment's first slot token
+    (`prompt_slot_token`). A gather and a select: no Python loop under jit.
+    """
+    if isinstance(prompt, PromptBank):
+        table, _ = prompt.padded()
+        lengths = jnp.asarray(prompt.lengths, jnp.int32)
+    elif prompt.ndim == 2:
+        table, lengths = prompt[None], jnp.asarray([prompt.shape[0]], jnp.int32)
+    elif prompt.ndim == 3:
+        table = prompt
+        lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+    else:
+        raise SoftpromptError(
+            f"prompt must be [length, emb_dim] or a bank, got shape {prompt.shape}"
+        )
+    if table.shape[-1] != embeddings.shape[-1]:
+        raise SoftpromptError(
+            f"prompt has emb_dim {table.shape[-1]}; the model's is {embeddings.shape[-1]}"
+        )
+    longest = table.shape[1]
+    if table.shape[0] == 1:
+        ids = jnp.zeros_like(positions)
+    else:  # the segment's first token is its first slot, prompt_slot_token(id)
+        starts = jnp.maximum(jnp.arange(positions.shape[1]) - positions, 0)
+        first = jnp.take_along_axis(encoder_input_tokens, starts, axis=1)
+        ids = jnp.clip(first - prompt_slot_token(0), 0, table.shape[0] - 1)
+    length = lengths[ids]
+    is_slot = (segment_ids > 0) & (positions < length)
+    # A bank's shorter prompts sit at the end of their padded rows (see PromptBank.padded).
+    rows = jnp.clip(longest - length + positions, 0, longest - 1)
+    vectors = table[ids, rows].astype(embeddings.dtype)
+    return jnp.where(is_slot[..., None], vectors, embeddings)
+
+
 def prompt_length(prompt: jax.Array | PromptBank) -> int:
     """Encoder positions the prompt takes: its length, or a bank's longest."""
     return max(prompt.lengths) if isinstance(prompt, PromptBank) else prompt.shape[-2]
@@ -218,12 +279,26 @@ def prompted_apply(
     *,
     enable_dropout: bool = False,
     prompt_dropout: bool = True,
+    packing: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
     """Body for `T5.apply(..., method=prompted_apply)`: embed, prepend the prompt, run T5.
 
     With `prompt_dropout` (T5X's behaviour) the encoder's input dropout hits the prompt
-    rows too; without it only the token embeddings are dropped.
+    rows too; without it only the token embeddings are dropped. `packing` (packed rows:
+    `encoder_segment_ids`, `encoder_positions`, `decoder_segment_ids`) fills each segment's
+    reserved slots with its prompt instead of prepending one (`fill_prompt_slots`).
     """
+    if packing is not None:
+        return _packed_apply(
+            model,
+            prompt,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            decoder_target_tokens,
+            packing,
+            enable_dropout=enable_dropout,
+            prompt_dropout=prompt_dropout,
+        )
     embeddings, mask = prepend_prompt(
         prompt, model.embed(encoder_input_tokens), encoder_input_tokens > 0, prompt_ids
     )
@@ -235,6 +310,55 @@ def prompted_apply(
         encoder_mask=mask,
         enable_dropout=enable_dropout,
         undropped_prefix=0 if prompt_dropout else prompt_length(prompt),
+    )
+
+
+PACKING_FEATURES = ("encoder_segment_ids", "encoder_positions", "decoder_segment_ids")
+
+
+def packing_features(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array] | None:
+    """The batch's packing features (`PACKING_FEATURES`), or None for an unpacked batch."""
+    if "encoder_segment_ids" not in batch:
+        return None
+    missing = [name for name in PACKING_FEATURES if name not in batch]
+    if missing:
+        raise SoftpromptError(f"a packed batch needs {PACKING_FEATURES}; it lacks {missing}")
+    return {name: batch[name] for name in PACKING_FEATURES}
+
+
+def _packed_apply(
+    model: T5,
+    prompt: jax.Array | PromptBank,
+    encoder_input_tokens: jax.Array,
+    decoder_input_tokens: jax.Array,
+    decoder_target_tokens: jax.Array | None,
+    packing: Mapping[str, jax.Array],
+    *,
+    enable_dropout: bool,
+    prompt_dropout: bool,
+) -> jax.Array:
+    """`prompted_apply` on packed rows: prompts in the slots, attention within segments."""
+    if enable_dropout and not prompt_dropout:
+        raise SoftpromptError(
+            "packed rows (PACK=True) drop the prompt rows with the inputs: "
+            "set LossConfig.prompt_dropout = True or turn dropout off"
+        )
+    embeddings = fill_prompt_slots(
+        prompt,
+        model.embed(encoder_input_tokens),
+        encoder_input_tokens,
+        packing["encoder_segment_ids"],
+        packing["encoder_positions"],
+    )
+    return model(
+        None,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        encoder_input_embeddings=embeddings,
+        encoder_mask=encoder_input_tokens > 0,
+        encoder_segment_ids=packing["encoder_segment_ids"],
+        decoder_segment_ids=packing["decoder_segment_ids"],
+        enable_dropout=enable_dropout,
     )
 
 
@@ -251,8 +375,12 @@ def prompted_logits(
     enable_dropout: bool = False,
     dropout_rng: jax.Array | None = None,
     prompt_dropout: bool = True,
+    packing: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
-    """Teacher-forced float32 logits `[batch, target_len, vocab]` of the prompted model."""
+    """Teacher-forced float32 logits `[batch, target_len, vocab]` of the prompted model.
+
+    `packing`: packed rows' `PACKING_FEATURES` (see `prompted_apply`).
+    """
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return T5(cfg).apply(
         {"params": params},
@@ -263,6 +391,7 @@ def prompted_logits(
         prompt_ids,
         enable_dropout=enable_dropout,
         prompt_dropout=prompt_dropout,
+        packing=packing,
         method=prompted_apply,
         rngs=rngs,
     )

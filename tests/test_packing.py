@@ -1,0 +1,166 @@
+"""Packing: several examples per row (seqio's packing), each with its prompt, as unpacked.
+
+The references are the same examples unpacked, one per row, with the prompt prepended
+(`prepend_prompt`): the packed loss, prompt gradient and per-example scores must equal them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY
+from softprompt_jax.tasks import demo
+from softprompt_jax.tasks.evaluation import t5x_batches
+from softprompt_jax.tasks.packing import packed_batches
+
+import softprompt_jax as sp
+from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.losses import LossConfig, packed_scores, prompt_loss, score_batch
+from softprompt_jax.prompts import prompt_slot_token
+from softprompt_jax.train.data import mixture_task_names, per_task_batches, train_batches
+
+LENGTHS = {"inputs": 24, "targets": 6}
+NUM_EXAMPLES = 10
+
+
+@pytest.fixture(scope="module")
+def params():
+    return sp.init_params(TINY, 0)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """Inputs of 1..8 tokens and targets of 1..2 (random ids, no EOS needed): 2-4 a row."""
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "inputs": rng.integers(3, TINY.vocab_size, rng.integers(1, 9)).astype(np.int32),
+            "targets": rng.integers(3, TINY.vocab_size, rng.integers(1, 3)).astype(np.int32),
+        }
+        for _ in range(NUM_EXAMPLES)
+    ]
+
+
+def unpacked(examples, prompt_ids=None):
+    batch, size = next(t5x_batches(examples, LENGTHS, NUM_EXAMPLES))
+    assert size == NUM_EXAMPLES
+    if prompt_ids is not None:
+        batch["prompt_ids"] = np.asarray(prompt_ids, np.int32)
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def packed(examples, slots):
+    rows, segments = next(packed_batches(examples, LENGTHS, NUM_EXAMPLES, slots))
+    assert segments.sum() == NUM_EXAMPLES and segments.max() >= 3
+    used = int((segments > 0).sum())
+    return {k: jnp.asarray(v[:used]) for k, v in rows.items()}, segments[:used]
+
+
+def loss_and_grad(prompt, params, batch, normalization="sum"):
+    """`prompt_loss` and its prompt gradient, unjitted so shapes compile once for all settings."""
+    config = LossConfig(z_loss=1e-4, normalization=normalization, enable_dropout=False)
+    (loss, _), grad = jax.value_and_grad(prompt_loss, has_aux=True)(
+        prompt, TINY, params, batch, config
+    )
+    return loss, grad
+
+
+def test_packed_loss_and_prompt_grad_equal_unpacked(params, examples):
+    prompt = sp.init_prompt("random_uniform", 4, emb_dim=TINY.emb_dim, seed=1)
+    rows, _ = packed(examples, [(4, prompt_slot_token(0))] * NUM_EXAMPLES)
+    for normalization in ("sum", "mean_tokens", "mean_sequences"):
+        loss, grad = loss_and_grad(prompt, params, unpacked(examples), normalization)
+        packed_loss, packed_grad = loss_and_grad(prompt, params, rows, normalization)
+        np.testing.assert_allclose(packed_loss, loss, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(packed_grad, grad, rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(grad).max()) > 1e-3
+
+
+def test_bank_of_different_lengths_packs_each_segment_with_its_prompt(params, examples):
+    bank = sp.PromptBank.from_arrays(
+        {
+            "a": sp.init_prompt("random_uniform", 3, emb_dim=TINY.emb_dim, seed=2),
+            "b": sp.init_prompt("random_uniform", 5, emb_dim=TINY.emb_dim, seed=3),
+        }
+    )
+    ids = [i % 2 for i in range(NUM_EXAMPLES)]
+    slots = [(bank.lengths[i], prompt_slot_token(i)) for i in ids]
+    rows, _ = packed(examples, slots)
+    loss, grad = loss_and_grad(bank, params, unpacked(examples, ids))
+    packed_loss, packed_grad = loss_and_grad(bank, params, rows)
+    np.testing.assert_allclose(packed_loss, loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(packed_grad.prompts, grad.prompts, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(want).max()) > 1e-3
+
+
+def test_packed_scores_are_the_examples_scores(params, examples):
+    prompt = sp.init_prompt("random_uniform", 4, emb_dim=TINY.emb_dim, seed=1)
+    rows, segments = packed(examples, [(4, prompt_slot_token(0))] * NUM_EXAMPLES)
+    want = score_batch(TINY, params, prompt, unpacked(examples))
+    per_segment = packed_scores(TINY, params, prompt, rows, max_segments=LENGTHS["targets"])
+    got = np.concatenate([row[:n] for row, n in zip(np.asarray(per_segment), segments)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def slot_free_segments(row: dict, prompt_length: int) -> list[tuple[list[int], list[int]]]:
+    """The (inputs without slots, targets) of a packed row's segments, checking the slots."""
+    segments = []
+    for segment in range(1, int(row["encoder_segment_ids"].max()) + 1):
+        inputs = row["encoder_input_tokens"][row["encoder_segment_ids"] == segment]
+        targets = row["decoder_target_tokens"][row["decoder_segment_ids"] == segment]
+        assert (inputs[:prompt_length] == inputs[0]).all() and inputs[0] > 0
+        segments.append((inputs[0], list(inputs[prompt_length:]), list(targets)))
+    return segments
+
+
+def test_train_batches_pack_seqios_stream_with_prompt_slots():
+    demo.register_demo_tasks()
+    lengths = {"inputs": 32, "targets": 8}
+    plain = train_batches("demo_max", lengths, 8, seed=3)
+    rows = next(train_batches("demo_max", lengths, 2, seed=3, pack_prompt_length=5))
+    assert rows["encoder_input_tokens"].shape == (2, 37)
+    segments = [s for r in range(2) for s in slot_free_segments(_row(rows, r), 5)]
+    assert {token for token, _, _ in segments} == {prompt_slot_token(0)}
+    stream = [
+        (list(ex[ex > 0]), list(t[t > 0]))
+        for batch in (next(plain), next(plain))
+        for ex, t in zip(batch["encoder_input_tokens"], batch["decoder_target_tokens"])
+    ]
+    assert len(segments) > 2
+    assert [(i, t) for _, i, t in segments] == stream[: len(segments)]
+
+
+def test_per_task_batches_pack_each_example_with_its_tasks_slots():
+    demo.register_demo_tasks()
+    lengths = {"inputs": 32, "targets": 8}
+    rows = next(per_task_batches("demo_mixture", lengths, 4, seed=0, pack_prompt_lengths=[2, 3, 4]))
+    assert rows["encoder_input_tokens"].shape == (4, 36) and "prompt_ids" not in rows
+    names = [name.removeprefix("demo_") for name in mixture_task_names("demo_mixture")]
+    seen = set()
+    for r in range(4):
+        row = _row(rows, r)
+        for segment in range(1, int(row["encoder_segment_ids"].max()) + 1):
+            inputs = row["encoder_input_tokens"][row["encoder_segment_ids"] == segment]
+            index = int(inputs[0]) - prompt_slot_token(0)
+            length = [2, 3, 4][index]
+            assert (inputs[:length] == inputs[0]).all()
+            word = bytes(int(t) - 3 for t in inputs[length:-1]).decode()
+            assert word.startswith(names[index] + ":")
+            seen.add(index)
+    assert seen == {0, 1, 2}
+
+
+def _row(batch: dict, r: int) -> dict:
+    return {name: array[r] for name, array in batch.items()}
+
+
+def test_packed_rows_refuse_a_kept_prompt_without_dropout(params, examples):
+    prompt = sp.init_prompt("random_uniform", 4, emb_dim=TINY.emb_dim, seed=1)
+    rows, _ = packed(examples, [(4, prompt_slot_token(0))] * NUM_EXAMPLES)
+    with pytest.raises(SoftpromptError, match="prompt_dropout"):
+        prompt_loss(
+            prompt, TINY, params, rows, LossConfig(prompt_dropout=False), jax.random.PRNGKey(0)
+        )
