@@ -34,8 +34,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from softprompt_jax.causal_lm import lm_loss_inputs
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.lm_batches import causal_lm_batch
 from softprompt_jax.model import T5Config
+from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.prompts import packing_features, prompted_logits
 
 Batch = Mapping[str, jax.Array]
@@ -162,6 +165,8 @@ def prompt_loss(
     A packed batch (seqio's `encoder_segment_ids`, `encoder_positions`, `decoder_segment_ids`,
     each example's prompt slots reserved) gives the loss of its examples unpacked.
     """
+    if is_decoder_only(cfg):
+        return _causal_lm_loss(prompt, cfg, params, batch, loss_config)
     packing = packing_features(batch)
     logits = prompted_logits(
         cfg,
@@ -185,6 +190,28 @@ def prompt_loss(
         normalization=loss_config.normalization,
         segment_ids=None if packing is None else packing["decoder_segment_ids"],
     )
+
+
+def _causal_lm_loss(
+    prompt: Any, cfg: Any, params: Mapping[str, Any], batch: Batch, loss_config: LossConfig
+) -> tuple[jax.Array, Metrics]:
+    """A decoder-only model's loss (`lm_batches`: prefix-LM features or HF's batch), no dropout."""
+    logits, targets, weights = lm_loss_inputs(cfg, params, prompt, causal_lm_batch(batch))
+    return weighted_cross_entropy(
+        logits,
+        targets,
+        weights,
+        z_loss=loss_config.z_loss,
+        label_smoothing=loss_config.label_smoothing,
+        normalization=loss_config.normalization,
+    )
+
+
+def _causal_lm_scores(cfg: Any, params: Mapping[str, Any], prompt: Any, batch: Batch) -> jax.Array:
+    """A decoder-only model's summed target log-likelihood per row of a T5X batch."""
+    logits, targets, weights = lm_loss_inputs(cfg, params, prompt, causal_lm_batch(batch))
+    token_loss, _ = token_cross_entropy(logits, targets)
+    return -jnp.sum(token_loss * weights, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_segments"))
@@ -273,6 +300,9 @@ def score_batch(
     """Per-example sum of target log-likelihoods `[batch]` (T5X `score_batch`, no z-loss)."""
     if prompt_ids is None:
         prompt_ids = batch.get("prompt_ids")
+    if is_decoder_only(cfg):
+        ids = {} if prompt_ids is None else {"prompt_ids": prompt_ids}
+        return _causal_lm_scores(cfg, params, prompt, {**batch, **ids})
     logits = prompted_logits(
         cfg,
         params,

@@ -29,6 +29,7 @@ from softprompt_jax import storage
 from softprompt_jax.checkpoints.sharded import load_sharded, read_config
 from softprompt_jax.errors import SoftpromptError, TrainingInterrupted
 from softprompt_jax.losses import LossConfig
+from softprompt_jax.methods import check_method, describe, feature_converter, init_prefix_params
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.partitioning import (
     global_batch,
@@ -50,7 +51,7 @@ from softprompt_jax.train.data import mixture_task_names, per_task_batches, trai
 from softprompt_jax.train.hooks import Hook, Hooks, StepInfo, StepMeter
 from softprompt_jax.train.interrupts import StopRequests
 from softprompt_jax.train.metrics_writer import MetricsWriter, console, format_eta
-from softprompt_jax.train.optimizer import AdafactorConfig, make_optimizer
+from softprompt_jax.train.optimizer import AdafactorConfig, adafactor, make_optimizer
 from softprompt_jax.train.parameters import parameter_summary
 from softprompt_jax.train.resume import make_run_info, repair_sidecars, restore_latest
 from softprompt_jax.train.run_lock import RunLock
@@ -202,11 +203,15 @@ def train(
     mesh: MeshConfig = MeshConfig(),
     logging: LogConfig = LogConfig(),
     prompt_per_task: bool = False,
+    method: str = "prompt",
+    prefix_projection_dim: int | None = None,
 ) -> TrainResult:
     """Prompt-tune `task` on the frozen model at `checkpoint_path`; artefacts go to `model_dir`.
 
     `prompt_per_task` (a seqio Mixture as `task`) trains one prompt per task of the mixture
-    (see the module doc).
+    (see the module doc). `method="prefix"` trains key/value prefixes of `prompt.length`
+    positions instead of a prompt (`methods.py`), through an MLP of `prefix_projection_dim`
+    hidden units when set (prefix tuning), else plain (P-tuning v2).
 
     The frozen params are sharded over the device mesh; the prompt and its optimizer state
     are replicated and each process feeds its share of every global batch. Logging,
@@ -226,6 +231,7 @@ def train(
       SoftpromptError naming the step and the last good checkpoint; nothing bad is saved.
     """
     eval_task = evaluation.task or task
+    check_method(method, prefix_projection_dim, prompt_per_task)
     _check_settings(
         model_dir,
         task,
@@ -261,12 +267,14 @@ def train(
             stack.enter_context(RunLock(model_dir))
         console(f"loading the frozen model from {checkpoint_path}")
         params = load_sharded(checkpoint_path, cfg, param_shardings(cfg, device_mesh, rules))
-        tx = make_optimizer(optimizer)
-        initial = (
-            make_prompt_bank(prompt, params, prompt_names)
-            if prompt_names
-            else make_prompt(prompt, params, task)
-        )
+        # A prefix's every leaf trains (prompt_only would freeze leaves not named prompt).
+        tx = make_optimizer(optimizer) if method == "prompt" else adafactor(optimizer)
+        if method == "prefix":
+            initial = init_prefix_params(cfg, prompt.length, prefix_projection_dim, prompt.seed)
+        elif prompt_names:
+            initial = make_prompt_bank(prompt, params, prompt_names)
+        else:
+            initial = make_prompt(prompt, params, task)
         state = place(init_train_state(initial, tx), replicated(device_mesh))
         model_dir_path = storage.as_path(model_dir)
         writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
@@ -307,16 +315,17 @@ def train(
             seed=seed,
             start_step=start_step,
             shard_info=seqio_shard_info(device_mesh),
+            converter=feature_converter(cfg),
         )
         what = (
             f"{len(prompt_names)} prompts of {prompt.length} tokens, one per task of"
             if prompt_names
-            else f"a {prompt.length}-token prompt on"
+            else f"a {prompt.length}-token {method} on"
         )
         writer.console(
             f"training {what} {task}: "
             f"steps {start_step}->{train_steps}, batch {batch_size}, "
-            f"model {cfg.emb_dim}d x {cfg.num_encoder_layers} layers ({dtype}), "
+            f"model {describe(cfg)} ({dtype}), "
             f"mesh data={device_mesh.shape['data']} x model={device_mesh.shape['model']}"
         )
         with StopRequests() as stop:
