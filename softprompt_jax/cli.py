@@ -1,6 +1,6 @@
-"""The `softprompt-jax` command: train | eval | infer | export | inspect | demo.
+"""The `softprompt-jax` command: train | eval | infer | serve | export | inspect | demo.
 
-`train`, `eval` and `infer` take T5X-style flags: `--gin_file` (repeatable,
+`train`, `eval`, `infer` and `serve` take T5X-style flags: `--gin_file` (repeatable,
 resolved against the packaged gin/ folder) and `--gin.NAME=VALUE`, e.g.
 
     softprompt-jax train --gin_file=models/t5_1_1_base.gin \\
@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from softprompt_jax.errors import SoftpromptError, TrainingInterrupted
 
-GIN_COMMANDS = {"train": "train", "eval": "evaluate", "infer": "infer"}
+GIN_COMMANDS = {"train": "train", "eval": "evaluate", "infer": "infer", "serve": "serve"}
 EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 # What TensorFlow and CUDA write to the process's stderr while TensorFlow starts: absl's C++
 # INFO and WARNING lines (written before absl::InitializeLog, which TF_CPP_MIN_LOG_LEVEL does

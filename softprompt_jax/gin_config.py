@@ -2,8 +2,9 @@
 
 The library itself takes plain arguments and dataclasses; this module only
 registers them with gin under T5X-like names (`train.*`, `evaluate.*`,
-`infer.*`, `PromptSpec.*`, `AdafactorConfig.*`, `LossConfig.*`, and the trainer's
-`EvalConfig.*`, `CheckpointConfig.*`, `MeshConfig.*`, `LogConfig.*`).
+`infer.*`, `serve.*`, `PromptSpec.*`, `AdafactorConfig.*`, `LossConfig.*`, and the trainer's
+`EvalConfig.*`, `CheckpointConfig.*`, `MeshConfig.*`, `LogConfig.*`; the server's
+`ServeConfig.*`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from pathlib import Path
 import gin
 from softprompt_jax import commands, gin_checks, losses
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.serving import config as serve_config
+from softprompt_jax.serving import server
 from softprompt_jax.train import optimizer, trainer
 
 train = gin.external_configurable(trainer.train, name="train")
 evaluate = gin.external_configurable(commands.evaluate, name="evaluate")
 infer = gin.external_configurable(commands.infer, name="infer")
+serve = gin.external_configurable(server.serve, name="serve")
+gin.external_configurable(serve_config.ServeConfig, name="ServeConfig")
 gin.external_configurable(trainer.PromptSpec, name="PromptSpec")
 gin.external_configurable(trainer.EvalConfig, name="EvalConfig")
 gin.external_configurable(trainer.CheckpointConfig, name="CheckpointConfig")
@@ -32,6 +37,8 @@ CONFIGURABLES = (
     "train",
     "evaluate",
     "infer",
+    "serve",
+    "ServeConfig",
     "PromptSpec",
     "EvalConfig",
     "CheckpointConfig",

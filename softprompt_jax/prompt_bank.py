@@ -125,3 +125,18 @@ class PromptBank:
         rows = [jnp.pad(p, ((longest - p.shape[0], 0), (0, 0))) for p in self.prompts]
         mask = [jnp.arange(longest) >= longest - p.shape[0] for p in self.prompts]
         return jnp.stack(rows), jnp.stack(mask)
+
+
+@flax.struct.dataclass
+class PaddedBank:
+    """Prompts already padded, as `PromptBank.padded` pads them, to a fixed capacity.
+
+    A server's bank: its shape is fixed and it holds no names, so a jitted function taking it
+    as an argument compiles once whatever prompts its rows hold (an unused row is all masked).
+    """
+
+    prompts: jax.Array  # [capacity, max_length, emb_dim]; a prompt sits at the end of its row
+    mask: jax.Array  # [capacity, max_length] bool: True on a prompt's rows
+
+    def padded(self) -> tuple[jax.Array, jax.Array]:
+        return self.prompts, self.mask

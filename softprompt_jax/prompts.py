@@ -27,7 +27,7 @@ import numpy as np
 from softprompt_jax.checkpoints.prompt_files import load_prompt
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model import T5, T5Config
-from softprompt_jax.prompt_bank import PromptBank
+from softprompt_jax.prompt_bank import PaddedBank, PromptBank
 
 # Logical axes for the partitioner; both map to "replicated" (the prompt is tiny).
 PROMPT_AXES = ("prompt_length", "embed")
@@ -168,11 +168,11 @@ def prepend_prompt(
 
     `prompt` is `[P, d]` (shared), or a bank with `prompt_ids` `[batch]` picking a prompt per
     example (a gather, so it runs under jit with no Python loop): an array `[N, P, d]`, or a
-    `PromptBank` of prompts of any lengths, padded on the left with masked rows. The prompt
-    is cast to the embeddings' (compute) dtype.
+    `PromptBank` of prompts of any lengths, padded on the left with masked rows (or a
+    `PaddedBank`, padded so already). The prompt is cast to the embeddings' (compute) dtype.
     """
     batch = embeddings.shape[0]
-    if isinstance(prompt, PromptBank):
+    if isinstance(prompt, (PromptBank, PaddedBank)):
         padded, padded_mask = prompt.padded()
         per_example = jnp.take(padded, _bank_ids(padded.shape, prompt_ids, batch), axis=0)
         prompt_mask = jnp.take(padded_mask, prompt_ids, axis=0).astype(mask.dtype)
@@ -257,6 +257,8 @@ def fill_prompt_slots(
 
 def prompt_length(prompt: jax.Array | PromptBank) -> int:
     """Encoder positions the prompt takes: its length, or a bank's longest."""
+    if isinstance(prompt, PaddedBank):
+        return prompt.prompts.shape[-2]
     return max(prompt.lengths) if isinstance(prompt, PromptBank) else prompt.shape[-2]
 
 

@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
@@ -87,7 +86,7 @@ def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None)
         raise SoftpromptError(
             f"prompt file {source} has shape {array.shape}; model expects {tuple(expected_shape)}"
         )
-    return jnp.asarray(array)
+    return jax.device_put(array)  # a transfer: jnp.asarray compiles a copy per shape
 
 
 def _as_float32(array: np.ndarray, source: Path) -> np.ndarray:
