@@ -8,7 +8,10 @@
 - PEFT: a directory with `adapter_config.json` and `adapter_model.safetensors`
   holding `prompt_embeddings` `[num_virtual_tokens * num_transformer_submodules,
   emb_dim]`. For seq2seq models PEFT keeps 2 * length rows and feeds only the
-  first `length` to the encoder; we read those and write the same layout.
+  first `length` to the encoder; we read those and write the same layout (or, with
+  `task_type="CAUSAL_LM"`, PEFT's decoder-only layout: the prompt alone).
+- Prefixes (decoder-only prefix tuning, a `{"key", "value"}` mapping): PEFT
+  `PREFIX_TUNING` adapter dirs and `.npz` files, see `prefix_files.py`.
 
 Any float dtype is read and cast to float32; nothing is unpickled.
 """
@@ -16,15 +19,17 @@ Any float dtype is read and cast to float32; nothing is unpickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
 from softprompt_jax import storage
-from softprompt_jax.checkpoints import official
+from softprompt_jax.checkpoints import official, prefix_files
 from softprompt_jax.errors import SoftpromptError
 
 PEFT_CONFIG = "adapter_config.json"
@@ -32,13 +37,31 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_KEY = "prompt_embeddings"
 # PEFT's `num_transformer_submodules` for SEQ_2_SEQ_LM (an unused decoder half).
 PEFT_SEQ2SEQ_SUBMODULES = 2
+PEFT_TASK_TYPES = {"SEQ_2_SEQ_LM": PEFT_SEQ2SEQ_SUBMODULES, "CAUSAL_LM": 1}
 OFFICIAL_SIDECAR = "encoder.prompt.prompt.prompt"
 
 
-def save_prompt(prompt: jax.Array | np.ndarray, path: str | Path) -> Path:
-    """Write a prompt as `.npy` (path ends in `.npy`) or else as a PEFT adapter directory."""
-    array = np.asarray(prompt, np.float32)
+def save_prompt(
+    prompt: jax.Array | np.ndarray | Mapping,
+    path: str | Path,
+    *,
+    task_type: str = "SEQ_2_SEQ_LM",
+) -> Path:
+    """Write a prompt as `.npy` (path ends in `.npy`) or else as a PEFT adapter directory.
+
+    `task_type` is PEFT's: `SEQ_2_SEQ_LM` (T5) or `CAUSAL_LM` (GPT-2, Llama family). A plain
+    prefix `{"key", "value"}` is written as `.npz` (path ends in `.npz`) or a PEFT prefix dir.
+    """
     path = Path(path)
+    if isinstance(prompt, Mapping):
+        if path.suffix == ".npz":
+            prefix_files.save_prefix_npz(prompt, path)
+        else:
+            prefix_files.save_peft_prefix(prompt, path)
+        return path
+    if task_type not in PEFT_TASK_TYPES:
+        raise SoftpromptError(f"task_type {task_type!r}; expected one of {sorted(PEFT_TASK_TYPES)}")
+    array = np.asarray(prompt, np.float32)
     if path.suffix == ".npy":
         if array.ndim not in (2, 3):
             raise SoftpromptError(
@@ -51,17 +74,26 @@ def save_prompt(prompt: jax.Array | np.ndarray, path: str | Path) -> Path:
         raise SoftpromptError(
             f"{path}: a PEFT adapter holds one [length, emb_dim] prompt, got shape {array.shape}"
         )
-    _save_peft(array, path)
+    _save_peft(array, path, task_type)
     return path
 
 
-def load_prompt(path: str | Path, expected_shape: tuple[int, ...] | None = None) -> jax.Array:
+def load_prompt(
+    path: str | Path, expected_shape: tuple[int, ...] | None = None
+) -> jax.Array | dict[str, jax.Array]:
     """Read a prompt (`.npy`, official sidecar or T5X checkpoint, PEFT dir) as float32.
 
+    A PEFT prefix-tuning dir or a `.npz` prefix gives a plain prefix `{"key", "value"}`.
     A prompt with NaN or infinite values is refused: it would only yield NaN scores.
     """
     path = Path(path)
+    if path.suffix == ".npz" and path.is_file():
+        return {k: jnp.asarray(v) for k, v in prefix_files.load_prefix_npz(path).items()}
     if (path / PEFT_CONFIG).is_file():
+        config = _read_peft_config(path / PEFT_CONFIG)
+        if config.get("peft_type") == "PREFIX_TUNING":
+            prefix = prefix_files.load_peft_prefix(path, config)
+            return {k: jnp.asarray(v) for k, v in prefix.items()}
         source, array = path, _load_peft(path)
     elif (path / OFFICIAL_SIDECAR).is_file():
         source = path / OFFICIAL_SIDECAR
@@ -116,12 +148,7 @@ def _load_npy(path: Path) -> np.ndarray:
 def _load_peft(directory: Path) -> np.ndarray:
     """The encoder rows (the first `num_virtual_tokens`) of a PEFT prompt-tuning adapter."""
     config_file, weights_file = directory / PEFT_CONFIG, directory / PEFT_WEIGHTS
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
-        raise SoftpromptError(f"{config_file}: cannot read JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise SoftpromptError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    config = _read_peft_config(config_file)
     if config.get("peft_type") != "PROMPT_TUNING":
         raise SoftpromptError(
             f"{config_file}: peft_type is {config.get('peft_type')!r}; expected 'PROMPT_TUNING'"
@@ -153,25 +180,36 @@ def _load_peft(directory: Path) -> np.ndarray:
     return table[:length]
 
 
+def _read_peft_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise SoftpromptError(f"{config_file}: cannot read JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise SoftpromptError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _save_peft(prompt: np.ndarray, directory: Path) -> None:
-    """Write PEFT's SEQ_2_SEQ_LM layout: the prompt, then an unused all-zero decoder half."""
+def _save_peft(prompt: np.ndarray, directory: Path, task_type: str) -> None:
+    """Write PEFT's layout: the prompt, then (SEQ_2_SEQ_LM) an unused all-zero decoder half."""
     length, emb_dim = prompt.shape
+    submodules = PEFT_TASK_TYPES[task_type]
     directory.mkdir(parents=True, exist_ok=True)
-    unused = np.zeros(((PEFT_SEQ2SEQ_SUBMODULES - 1) * length, emb_dim), np.float32)
+    unused = np.zeros(((submodules - 1) * length, emb_dim), np.float32)
     storage.write_bytes_atomic(
         directory / PEFT_WEIGHTS,
         save({PEFT_KEY: np.concatenate([prompt, unused])}, metadata={"format": "pt"}),
     )
     config = {
         "peft_type": "PROMPT_TUNING",
-        "task_type": "SEQ_2_SEQ_LM",
+        "task_type": task_type,
         "num_virtual_tokens": length,
         "token_dim": emb_dim,
-        "num_transformer_submodules": PEFT_SEQ2SEQ_SUBMODULES,
+        "num_transformer_submodules": submodules,
         # PEFT fills these from the base model's config when they are null.
         "num_attention_heads": None,
         "num_layers": None,
