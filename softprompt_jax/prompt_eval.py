@@ -20,9 +20,12 @@ import seqio
 from softprompt_jax import inference
 from softprompt_jax.ensembles import ensemble_predict, ensemble_scores, majority
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.losses import packed_scores
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.prompt_bank import PromptBank
+from softprompt_jax.prompts import prompt_slot_token
 from softprompt_jax.tasks import evaluation as task_evaluation
+from softprompt_jax.tasks import packing as task_packing
 from softprompt_jax.tasks.postprocessors import as_text
 from softprompt_jax.tasks.rank_classification import ScoreFn, rank_classification_predictions
 
@@ -53,6 +56,7 @@ def evaluate_prompt(
     decode_length: int | None = None,
     num_beams: int = 1,
     alpha: float = 0.6,
+    pack: bool = False,
 ) -> dict[str, float]:
     """The task's metrics on `split` (at most `max_examples` examples).
 
@@ -60,6 +64,8 @@ def evaluate_prompt(
     truncate like training. Generation tasks also report `loss_per_token`, the mean target
     cross-entropy, and decode `decode_length` tokens (default: the targets length), greedily
     or, with `num_beams > 1`, by beam search with length penalty `alpha`.
+    `pack=True` scores several examples per row (seqio's packing, each example with its
+    prompt; `packed_example_scores`): the same scores in fewer rows. Decoding stays unpacked.
     """
     return evaluate_tasks(
         cfg,
@@ -73,6 +79,7 @@ def evaluate_prompt(
         decode_length=decode_length,
         num_beams=num_beams,
         alpha=alpha,
+        pack=pack,
     )[task]
 
 
@@ -89,6 +96,7 @@ def evaluate_tasks(
     decode_length: int | None = None,
     num_beams: int = 1,
     alpha: float = 0.6,
+    pack: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Each task's metrics, as `evaluate_prompt` gives them, with its own prompt.
 
@@ -111,8 +119,16 @@ def evaluate_tasks(
             batch_size,
         )
 
-    score_fn = inference.make_score_fn(cfg, params, prompt)
-    scores = _by_task(score_batches(score_fn, batches(rows)), rows)
+    if pack:
+        ids = [prompt_ids[task] for task, _ in rows]
+        chosen = [examples[task][i] for task, i in rows]
+        packed = packed_example_scores(
+            cfg, params, prompt, chosen, None if None in ids else ids, padded, batch_size
+        )
+        scores = _by_task(list(packed), rows)
+    else:
+        score_fn = inference.make_score_fn(cfg, params, prompt)
+        scores = _by_task(score_batches(score_fn, batches(rows)), rows)
     predictions: dict[str, list[str]] = {}
     for tasks, vocabulary, max_length in _decode_groups(lengths, decode_length):
         chosen = [row for row in rows if row[0] in tasks]
@@ -199,6 +215,39 @@ def prompted_batches(
         rows = np.pad(ids[start : start + size], (0, batch_size - size))
         yield {**batch, "prompt_ids": rows}, size
         start += size
+
+
+def packed_example_scores(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array | PromptBank,
+    examples: Sequence[Example],
+    prompt_ids: Sequence[int] | None,
+    lengths: Mapping[str, int],
+    batch_size: int,
+) -> np.ndarray:
+    """Each example's summed target log-likelihood (float64, in order), several per row.
+
+    The examples are packed in order by seqio (`tasks/packing.packed_batches`), each with its
+    prompt's positions reserved (`prompt_ids[i]`'s length for a bank), and every segment's
+    score (`losses.packed_scores`) is mapped back to its example: `score_batches` of the same
+    examples unpacked, in fewer rows.
+    """
+    if isinstance(prompt, PromptBank):
+        lengths_by_id = prompt.lengths
+    else:
+        lengths_by_id = (prompt.shape[-2],) * (1 if prompt.ndim == 2 else prompt.shape[0])
+    ids = [0] * len(examples) if prompt_ids is None else [int(i) for i in prompt_ids]
+    slots = [(lengths_by_id[i], prompt_slot_token(i)) for i in ids]
+    # A segment holds at least one target token and its prompt's slots.
+    row_length = lengths["inputs"] + max(lengths_by_id)
+    max_segments = max(1, min(lengths["targets"], row_length // min(lengths_by_id)))
+    scores = []
+    for batch, segments in task_packing.packed_batches(examples, lengths, batch_size, slots):
+        features = {name: jnp.asarray(array) for name, array in batch.items()}
+        per_segment = np.asarray(packed_scores(cfg, params, prompt, features, max_segments))
+        scores += [row[:count] for row, count in zip(per_segment, segments, strict=True)]
+    return np.concatenate(scores).astype(np.float64) if scores else np.zeros([0])
 
 
 def score_batches(score_fn: ScoreFn, batches: Batches) -> np.ndarray:

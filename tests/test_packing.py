@@ -16,10 +16,14 @@ from softprompt_jax.tasks.evaluation import t5x_batches
 from softprompt_jax.tasks.packing import packed_batches
 
 import softprompt_jax as sp
+from softprompt_jax import prompt_eval
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.losses import LossConfig, packed_scores, prompt_loss, score_batch
+from softprompt_jax.losses import LossConfig, prompt_loss, score_batch
+from softprompt_jax.prompt_eval import evaluate_prompt, packed_example_scores, prompted_batches
 from softprompt_jax.prompts import prompt_slot_token
+from softprompt_jax.train import data
 from softprompt_jax.train.data import mixture_task_names, per_task_batches, train_batches
+from softprompt_jax.train.trainer import CheckpointConfig, EvalConfig, LogConfig, PromptSpec, train
 
 LENGTHS = {"inputs": 24, "targets": 6}
 NUM_EXAMPLES = 10
@@ -41,6 +45,17 @@ def examples():
         }
         for _ in range(NUM_EXAMPLES)
     ]
+
+
+@pytest.fixture(scope="module")
+def bank():
+    """Two prompts of different lengths: the shorter one is padded in an unpacked batch."""
+    return sp.PromptBank.from_arrays(
+        {
+            "a": sp.init_prompt("random_uniform", 3, emb_dim=TINY.emb_dim, seed=2),
+            "b": sp.init_prompt("random_uniform", 5, emb_dim=TINY.emb_dim, seed=3),
+        }
+    )
 
 
 def unpacked(examples, prompt_ids=None):
@@ -78,13 +93,7 @@ def test_packed_loss_and_prompt_grad_equal_unpacked(params, examples):
         assert float(jnp.abs(grad).max()) > 1e-3
 
 
-def test_bank_of_different_lengths_packs_each_segment_with_its_prompt(params, examples):
-    bank = sp.PromptBank.from_arrays(
-        {
-            "a": sp.init_prompt("random_uniform", 3, emb_dim=TINY.emb_dim, seed=2),
-            "b": sp.init_prompt("random_uniform", 5, emb_dim=TINY.emb_dim, seed=3),
-        }
-    )
+def test_bank_of_different_lengths_packs_each_segment_with_its_prompt(params, examples, bank):
     ids = [i % 2 for i in range(NUM_EXAMPLES)]
     slots = [(bank.lengths[i], prompt_slot_token(i)) for i in ids]
     rows, _ = packed(examples, slots)
@@ -96,12 +105,12 @@ def test_bank_of_different_lengths_packs_each_segment_with_its_prompt(params, ex
         assert float(jnp.abs(want).max()) > 1e-3
 
 
-def test_packed_scores_are_the_examples_scores(params, examples):
-    prompt = sp.init_prompt("random_uniform", 4, emb_dim=TINY.emb_dim, seed=1)
-    rows, segments = packed(examples, [(4, prompt_slot_token(0))] * NUM_EXAMPLES)
-    want = score_batch(TINY, params, prompt, unpacked(examples))
-    per_segment = packed_scores(TINY, params, prompt, rows, max_segments=LENGTHS["targets"])
-    got = np.concatenate([row[:n] for row, n in zip(np.asarray(per_segment), segments)])
+def test_packed_example_scores_are_each_examples_score_with_its_prompt(params, examples, bank):
+    ids = [(i // 3) % 2 for i in range(NUM_EXAMPLES)]
+    batch, size = next(prompted_batches(examples, ids, LENGTHS, NUM_EXAMPLES))
+    want = score_batch(TINY, params, bank, {k: jnp.asarray(v) for k, v in batch.items()})
+    got = packed_example_scores(TINY, params, bank, examples, ids, LENGTHS, batch_size=2)
+    assert got.shape == (NUM_EXAMPLES,)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -164,3 +173,44 @@ def test_packed_rows_refuse_a_kept_prompt_without_dropout(params, examples):
         prompt_loss(
             prompt, TINY, params, rows, LossConfig(prompt_dropout=False), jax.random.PRNGKey(0)
         )
+
+
+def test_packed_training_run_scores_its_evaluation_as_unpacked(tmp_path, monkeypatch):
+    demo.register_demo_tasks()
+    packed_calls = []
+    for module, name in ((data, "_packed_batches"), (prompt_eval, "packed_example_scores")):
+        original = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, f=original, n=name, **k: packed_calls.append(n) or f(*a, **k)
+        )
+    sp.save_pretrained(tmp_path / "model", TINY, sp.init_params(TINY, 0))
+    result = train(
+        model_dir=str(tmp_path / "run"),
+        checkpoint_path=str(tmp_path / "model"),
+        task="demo_max",
+        feature_lengths={"inputs": 24, "targets": 8},
+        train_steps=2,
+        batch_size=2,
+        prompt=PromptSpec(method="random_uniform", length=3),
+        loss=LossConfig(enable_dropout=False),
+        dtype="float32",
+        evaluation=EvalConfig(max_examples=4, pack=True),
+        checkpointing=CheckpointConfig(period=2),
+        logging=LogConfig(period=1, tensorboard=False),
+        pack=True,
+    )
+    assert np.isfinite(result.train_loss)
+    assert set(packed_calls) == {"_packed_batches", "packed_example_scores"}
+    unpacked_metrics = evaluate_prompt(
+        TINY,
+        params=sp.init_params(TINY, 0),
+        prompt=result.prompt,
+        task="demo_max",
+        split="validation",
+        feature_lengths=None,
+        batch_size=2,
+        max_examples=4,
+    )
+    assert result.eval_metrics.keys() == unpacked_metrics.keys()
+    for name, value in unpacked_metrics.items():
+        assert result.eval_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -56,6 +56,7 @@ def train_batches(
     `pack_prompt_length` (the prompt's length) packs the examples, `batch_size` rows a batch.
     """
     if pack_prompt_length is not None:
+        _check_packable(converter)
         examples = seqio.get_mixture_or_task(task).get_dataset(
             dict(feature_lengths),
             split=split,
@@ -107,6 +108,8 @@ def per_task_batches(
     examples instead, each with its task's prompt slots (`prompt_slot_token(index)`); the
     rows then carry no `prompt_ids`.
     """
+    if pack_prompt_lengths is not None:
+        _check_packable(converter)
     mix = seqio.get_mixture_or_task(mixture)
     lengths = dict(feature_lengths)
     datasets, rates = [], []
@@ -141,6 +144,15 @@ def per_task_batches(
         longest = max(pack_prompt_lengths)
         return _packed_batches(mixed, feature_lengths, longest, batch_size, start_step)
     return mixed.batch(batch_size, drop_remainder=True).skip(start_step).as_numpy_iterator()
+
+
+def _check_packable(converter: seqio.FeatureConverter | None) -> None:
+    """Packing reserves prompt slots in encoder inputs: T5's encoder-decoder features only."""
+    if converter is not None and not isinstance(converter, seqio.EncDecFeatureConverter):
+        raise SoftpromptError(
+            f"PACK=True packs encoder-decoder (T5) rows; this model's features come from "
+            f"{type(converter).__name__}, which packing does not support"
+        )
 
 
 def _tokens(dataset: tf.data.Dataset) -> tf.data.Dataset:

@@ -149,6 +149,7 @@ class EvalConfig:
     max_examples: int | None = None  # None: the whole split
     batch_size: int | None = None  # None: the training batch size
     feature_lengths: Mapping[str, int] | None = None
+    pack: bool = False  # score several examples per row (decoding stays unpacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,7 @@ def train(
     checkpointing: CheckpointConfig = CheckpointConfig(),
     mesh: MeshConfig = MeshConfig(),
     logging: LogConfig = LogConfig(),
+    pack: bool = False,
     prompt_per_task: bool = False,
     method: str = "prompt",
     prefix_projection_dim: int | None = None,
@@ -212,6 +214,10 @@ def train(
     (see the module doc). `method="prefix"` trains key/value prefixes of `prompt.length`
     positions instead of a prompt (`methods.py`), through an MLP of `prefix_projection_dim`
     hidden units when set (prefix tuning), else plain (P-tuning v2).
+
+    `pack` puts several examples in each of the `batch_size` rows (seqio's packing, each
+    example with its own copy of its prompt; `train/data.py`): the loss is that of the same
+    examples unpacked, and `examples/s` in the logs counts rows.
 
     The frozen params are sharded over the device mesh; the prompt and its optimizer state
     are replicated and each process feeds its share of every global batch. Logging,
@@ -244,6 +250,7 @@ def train(
         logging,
     )
     prompt_names = _prompt_names(task, prompt_per_task, evaluation.task, prompt)
+    packing = _packing(pack, method, prompt, prompt_names, loss)
     targets = _eval_targets(prompt_names, eval_task)
     _check_evaluations(targets.values(), evaluation, checkpointing)
     device_mesh = make_mesh(mesh.data, mesh.model)
@@ -315,6 +322,7 @@ def train(
             seed=seed,
             start_step=start_step,
             shard_info=seqio_shard_info(device_mesh),
+            **packing,
             converter=feature_converter(cfg),
         )
         what = (
@@ -353,6 +361,28 @@ def train(
         latest.get("train_loss"),
         latest.get("eval_metrics", {}),
     )
+
+
+def _packing(
+    pack: bool,
+    method: str,
+    prompt: PromptSpec,
+    prompt_names: Sequence[str] | None,
+    loss: LossConfig,
+) -> dict[str, Any]:
+    """The data's packing arguments (none without `pack`); packing's settings checked first."""
+    if not pack:
+        return {}
+    if method != "prompt":
+        raise SoftpromptError(f"PACK=True needs METHOD='prompt'; METHOD={method!r} is not packed")
+    if loss.enable_dropout and not loss.prompt_dropout:
+        raise SoftpromptError(
+            "PACK=True drops the prompt rows with the inputs: set LossConfig.prompt_dropout "
+            "= True (T5X's behaviour) or LossConfig.enable_dropout = False"
+        )
+    if prompt_names:
+        return {"pack_prompt_lengths": [prompt.length] * len(prompt_names)}
+    return {"pack_prompt_length": prompt.length}
 
 
 def _check_settings(
@@ -497,6 +527,7 @@ def _eval_hook(
                 split=config.split,
                 feature_lengths=config.feature_lengths,
                 batch_size=config.batch_size or train_batch_size,
+                pack=config.pack,
                 max_examples=config.max_examples,
             )
             whose = "" if name is None else f" ({name})"
