@@ -7,6 +7,8 @@ Llama; prefixes with and without PEFT's MLP; folding the MLP; PEFT adapter dirs 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import peft
@@ -16,6 +18,7 @@ import transformers
 from tiny_decoders import VOCAB, save_tiny
 
 import softprompt_jax as sp
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.prefix_layout import prefix_table
 
 FAMILIES = ("gpt2", "llama")
@@ -182,3 +185,13 @@ def test_prompt_and_prefix_files_round_trip_with_peft(saved, family, tmp_path):
     loaded = sp.load_prompt(tmp_path / "prefix.npz")
     for name in ("key", "value"):
         np.testing.assert_array_equal(loaded[name], prefix[name])
+
+
+def test_a_prefix_of_another_shape_is_named(saved):
+    cfg, params = sp.load_pretrained(saved["llama"], dtype="float32")
+    batch = _batch()
+    other = sp.init_prefix(cfg.replace(num_kv_heads=4), LENGTH)
+    with pytest.raises(SoftpromptError, match=r"prefix key has shape \(2, 3, 4, 8\); the model"):
+        sp.lm_logits(cfg, params, batch["input_ids"], batch["attention_mask"], other)
+    with pytest.raises(SoftpromptError, match="fold an MLP prefix first"):
+        sp.save_prompt(sp.init_prefix(cfg, LENGTH, projection_dim=5), Path("unused"))
