@@ -26,7 +26,9 @@ from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
 from softprompt_jax.checkpoints.sharded import read_config
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.methods import read_prefix_info, table_to_prefix
 from softprompt_jax.model.config import T5Config
+from softprompt_jax.prefixes import check_prefix
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompt_eval import evaluate_ensemble, evaluate_prompt, evaluate_tasks
 from softprompt_jax.tasks import evaluation as task_evaluation
@@ -270,6 +272,11 @@ def export_prompt(
     if bank is not None:
         return _export_bank(model_dir, bank, step, t5x=t5x, task=task)
     chosen, prompt = read_run_prompt(model_dir, step, task)
+    prefix_info = read_prefix_info(model_dir)
+    if prefix_info is not None:  # a prefix run: its per-layer keys and values, MLP folded
+        if t5x:
+            raise SoftpromptError(f"{model_dir} trained a prefix; --t5x exports prompts only")
+        prompt = table_to_prefix(prompt, prefix_info, f"of step {chosen} in {model_dir}")
     output_path = Path(output)
     storage.check_writable(output_path if output_path.suffix != ".npy" else output_path.parent)
     if t5x:
@@ -278,7 +285,9 @@ def export_prompt(
     else:
         path = save_prompt(prompt, output)
     whose = "" if task is None else f"{task} "
-    print(f"exported the {whose}prompt of step {chosen} {tuple(prompt.shape)} to {path}")
+    what = "prompt" if prefix_info is None else "prefix"
+    shape = {k: v.shape for k, v in prompt.items()} if prefix_info else tuple(prompt.shape)
+    print(f"exported the {whose}{what} of step {chosen} {shape} to {path}")
     return path
 
 
@@ -366,7 +375,9 @@ def _load_model(
     `source` is where the prompts came from: a file or bank path, or {name: file}.
     """
     cfg = read_config(checkpoint_path, dtype)
-    if isinstance(prompt, PromptBank):
+    if isinstance(prompt, Mapping):  # a prefix (.npz or PEFT prefix dir)
+        check_prefix(cfg, prompt)
+    elif isinstance(prompt, PromptBank):
         if prompt.emb_dim != cfg.emb_dim:
             name = prompt.names[0]
             where = f"({source[name]})" if isinstance(source, Mapping) else f"of {source}"

@@ -15,8 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from softprompt_jax import decoding
+from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.lm_batches import right_aligned
+from softprompt_jax.lm_decoding import lm_generate
 from softprompt_jax.losses import score_batch
 from softprompt_jax.model.config import T5Config
+from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.model.network import T5
 from softprompt_jax.prompts import prepend_prompt
 
@@ -65,6 +69,12 @@ def predict_tokens(
     Greedy unless `temperature > 0` (sampling) or `num_beams > 1` (beam search with
     length penalty `alpha`, returning each row's best sequence).
     """
+    if is_decoder_only(cfg):
+        if temperature > 0 or num_beams > 1:
+            raise SoftpromptError("decoder-only models decode greedily (no sampling or beams yet)")
+        inputs, mask = right_aligned(tokens)
+        eos = decoding.EOS_ID
+        return lm_generate(cfg, params, inputs, mask, max_length, prompt, prompt_ids, eos)
     encoded, mask = prompted_encode(cfg, params, prompt, tokens, prompt_ids)
     if num_beams > 1:
         sequences, _ = decoding.beam_search(

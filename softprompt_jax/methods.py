@@ -13,15 +13,22 @@ method are:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import numpy as np
 import seqio
 
+from softprompt_jax import storage
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.decoder_config import is_decoder_only
+from softprompt_jax.model.prefix_layout import split_table
 from softprompt_jax.prefixes import init_prefix
 
 METHODS = ("prompt", "prefix")
+# In a prefix run's MODEL_DIR: what its numpy checkpoints (PEFT's prefix tables) need to be
+# split into per-layer keys and values at export.
+PREFIX_INFO_FILE = "prefix.json"
 
 
 def check_method(method: str, projection_dim: int | None, prompt_per_task: bool) -> None:
@@ -60,3 +67,32 @@ def init_prefix_params(
             f"METHOD='prefix' is implemented for decoder-only models; got {type(cfg).__name__}"
         )
     return init_prefix(cfg, length, projection_dim, seed)
+
+
+def write_prefix_info(model_dir: str, cfg: Any, projection_dim: int | None) -> None:
+    """Record in `model_dir` how the run's prefix tables split into layers and heads."""
+    info = {
+        "num_layers": cfg.num_layers,
+        "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "projection_dim": projection_dim,
+    }
+    storage.write_text_atomic(storage.as_path(model_dir) / PREFIX_INFO_FILE, json.dumps(info))
+
+
+def read_prefix_info(model_dir: str) -> dict | None:
+    """What `write_prefix_info` recorded, or None for a prompt run."""
+    path = storage.as_path(model_dir) / PREFIX_INFO_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table_to_prefix(table: np.ndarray, info: dict, source: str) -> dict[str, np.ndarray]:
+    """The plain prefix `{"key", "value"}` (numpy) of PEFT's table `[P, layers * 2 * kv_dim]`."""
+    width = info["num_layers"] * 2 * info["num_kv_heads"] * info["head_dim"]
+    if np.ndim(table) != 2 or np.shape(table)[1] != width:
+        raise SoftpromptError(
+            f"prefix table {source} has shape {tuple(np.shape(table))}; the run's model "
+            f"expects (length, {width})"
+        )
+    plain = split_table(table, info["num_layers"], info["num_kv_heads"])
+    return {name: np.asarray(array, np.float32) for name, array in plain.items()}

@@ -29,7 +29,13 @@ from softprompt_jax import storage
 from softprompt_jax.checkpoints.sharded import load_sharded, read_config
 from softprompt_jax.errors import SoftpromptError, TrainingInterrupted
 from softprompt_jax.losses import LossConfig
-from softprompt_jax.methods import check_method, describe, feature_converter, init_prefix_params
+from softprompt_jax.methods import (
+    check_method,
+    describe,
+    feature_converter,
+    init_prefix_params,
+    write_prefix_info,
+)
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.partitioning import (
     global_batch,
@@ -286,6 +292,8 @@ def train(
         model_dir_path = storage.as_path(model_dir)
         writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
         writer.console(parameter_summary(params, state.prompt))
+        if method == "prefix" and jax.process_index() == 0:
+            write_prefix_info(model_dir, cfg, prefix_projection_dim)
         checkpointer = TrainCheckpointer(
             model_dir_path,
             keep=checkpointing.keep,

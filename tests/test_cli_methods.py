@@ -1,0 +1,105 @@
+"""Every method on every model family from the command line: train, report the metric, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from softprompt_jax import cli
+
+TASK = "demo_max"  # offline, byte vocabulary (259 ids)
+LENGTHS = "{'inputs': 12, 'targets': 4}"
+
+
+def save_tiny(family: str, path: Path) -> Path:
+    """A tiny random Hugging Face decoder-only model whose vocabulary covers the task's."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=300, n_embd=16, n_layer=2, n_head=2, n_positions=64, eos_token_id=1
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=300,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return path
+
+
+def train(model: Path, model_file: str, run: Path, **macros) -> dict:
+    """Three steps and an evaluation on 8 examples; the last eval record of metrics.jsonl."""
+    argv = [
+        "train",
+        f"--gin_file=models/{model_file}",
+        "--gin_file=runs/prompt_finetune.gin",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{model}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+        f"--gin.MODEL_DIR='{run}'",
+        f"--gin.TASK_FEATURE_LENGTHS={LENGTHS}",
+        "--gin.PROMPT_LENGTH=3",
+        "--gin.TRAIN_STEPS=3",
+        "--gin.BATCH_SIZE=4",
+        "--gin.EVAL_PERIOD=3",
+        "--gin.EVAL_EXAMPLES=8",
+        "--gin.ACTIVATION_DTYPE='float32'",
+        *[f"--gin.{name}={value}" for name, value in macros.items()],
+    ]
+    assert cli.main(argv) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "eval"][-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("family", "method", "projection"),
+    [("gpt2", "prompt", None), ("gpt2", "prefix", 8), ("llama", "prefix", None)],
+)
+def test_decoder_only_methods_train_report_and_export(tmp_path, capsys, family, method, projection):
+    model = save_tiny(family, tmp_path / family)
+    run = tmp_path / "run"
+    macros = {"METHOD": f"'{method}'", "PREFIX_PROJECTION_DIM": projection}
+    record = train(model, f"{family}.gin", run, **macros)
+    assert record["step"] == 3 and 0.0 <= record["accuracy"] <= 100.0
+    assert np.isfinite(record["loss_per_token"])
+    out = capsys.readouterr().out
+    assert f"3-token {method} on {TASK}" in out and "trainable params" in out
+
+    exported = tmp_path / ("prefix.npz" if method == "prefix" else "prompt.npy")
+    assert cli.main(["export", f"--model_dir={run}", f"--output={exported}"]) == 0
+    if method == "prefix":  # plain per-layer keys and values [layers, P, kv_heads, head_dim]
+        kv_heads, head_dim = (2, 8) if family == "gpt2" else (2, 4)
+        with np.load(exported, allow_pickle=False) as arrays:
+            assert arrays["key"].shape == arrays["value"].shape == (2, 3, kv_heads, head_dim)
+    else:
+        assert np.load(exported).shape == (3, 16)
+
+    argv = [
+        "eval",
+        f"--gin_file=models/{family}.gin",
+        "--gin_file=runs/prompt_eval.gin",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{model}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+        f"--gin.PROMPT_FILE='{exported}'",
+        f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'",
+        "--gin.EVAL_EXAMPLES=8",
+        "--gin.ACTIVATION_DTYPE='float32'",
+    ]
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # The exported prompt or folded prefix scores the examples as the run's own evaluation.
+    np.testing.assert_allclose(
+        metrics["metrics"]["loss_per_token"], record["loss_per_token"], rtol=1e-5
+    )
