@@ -55,6 +55,8 @@ def evaluate(
     ensemble: bool = False,
     num_beams: int = 1,
     alpha: float = 0.6,
+    length_buckets: int = 4,
+    pack: bool = False,
 ) -> dict[str, Any]:
     """Metrics of prompts on a frozen checkpoint -> `output_dir/metrics.json` (and a
     `metrics.jsonl` record per task).
@@ -62,29 +64,42 @@ def evaluate(
     With `prompt_file`: the task's metrics. With `prompts` (a bank): each task's metrics,
     keyed by task; the task, or every task of a mixture that has `split`, runs with the
     prompt of its name. With `ensemble`: the bank holds K prompts of the one task; every
-    member's metrics and the ensemble's (`prompt_eval.evaluate_ensemble`).
+    member's metrics and the ensemble's (`prompt_eval.evaluate_ensemble`). `pack` scores
+    (the loss, rank tasks' candidates) several examples per row, with the same results.
     `feature_lengths=None` evaluates whole inputs and targets, as T5X does; `num_beams > 1`
-    decodes by beam search with length penalty `alpha`.
+    decodes by beam search with length penalty `alpha`. Batches are padded to one of
+    `length_buckets` input lengths, shortest inputs first (1: every batch to the longest).
     """
     _check_batch_size(batch_size)
-    _check_beams(num_beams, "EVAL_NUM_BEAMS")
+    _check_positive(num_beams, "EVAL_NUM_BEAMS")
+    _check_positive(length_buckets, "EVAL_LENGTH_BUCKETS")
     task_obj = _get_task(task, split)
     _check_one_prompt_setting(prompt_file, prompts)
     if ensemble:
         _check_ensemble(task_obj, prompts, num_beams)
+        if pack:
+            raise SoftpromptError("PACK=True does not apply to ENSEMBLE=True: set PACK=False")
     storage.check_writable(output_dir)
     settings = {
         "split": split,
         "feature_lengths": feature_lengths,
         "batch_size": batch_size,
         "max_examples": max_examples,
+        "length_buckets": length_buckets,
     }
     header = {"task": task, "split": split, "checkpoint_path": str(checkpoint_path)}
     if prompts is None:
         prompt = load_prompt(prompt_file)
         cfg, params = _load_model(checkpoint_path, dtype, prompt, prompt_file)
         metrics = evaluate_prompt(
-            cfg, params, prompt, task=task, num_beams=num_beams, alpha=alpha, **settings
+            cfg,
+            params,
+            prompt,
+            task=task,
+            num_beams=num_beams,
+            alpha=alpha,
+            pack=pack,
+            **settings,
         )
         header["prompt_file"] = str(prompt_file)
         return _write_eval(output_dir, header, metrics, {task: metrics})
@@ -103,6 +118,7 @@ def evaluate(
         {name: bank.index(name) for name in tasks},
         num_beams=num_beams,
         alpha=alpha,
+        pack=pack,
         **settings,
     )
     return _write_eval(output_dir, header, by_task, by_task)
@@ -128,6 +144,7 @@ def infer(
     seed: int = 0,
     num_beams: int = 1,
     alpha: float = 0.6,
+    length_buckets: int = 4,
 ) -> Path:
     """Predictions, one JSON line per input in order; labels not needed.
 
@@ -139,8 +156,11 @@ def infer(
     `feature_lengths["inputs"]` and cut), plus `prompt` with a bank and `scores` for ranked
     candidates. Greedy unless `temperature > 0`: then sampled (from the `top_k` best tokens
     when `top_k > 0`), reproducibly for a given `seed`; `num_beams > 1` searches beams.
+    Batches are padded to one of `length_buckets` input lengths, shortest inputs first (1:
+    every batch to the inputs length); the lines keep the inputs' order.
     """
     _check_decoding(temperature, top_k, num_beams)
+    _check_positive(length_buckets, "INFER_LENGTH_BUCKETS")
     _check_batch_size(batch_size)
     _check_one_prompt_setting(prompt_file, prompts)
     path = Path(output_file)
@@ -170,6 +190,7 @@ def infer(
         seed=seed,
         num_beams=num_beams,
         alpha=alpha,
+        length_buckets=length_buckets,
     )
     lines = [_prediction_line(row, p) for row, p in zip(rows, predictions, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,16 +332,16 @@ def _check_batch_size(batch_size: int) -> None:
         )
 
 
-def _check_beams(num_beams: int, setting: str) -> None:
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise SoftpromptError(f"{setting} must be a positive integer, got {num_beams!r}")
+def _check_positive(value: int, setting: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SoftpromptError(f"{setting} must be a positive integer, got {value!r}")
 
 
 def _check_decoding(temperature: float, top_k: int, num_beams: int) -> None:
     """Sampling settings are >= 0, and beam search (`num_beams > 1`) does not sample."""
     if temperature < 0 or top_k < 0:
         raise SoftpromptError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}")
-    _check_beams(num_beams, "INFER_NUM_BEAMS")
+    _check_positive(num_beams, "INFER_NUM_BEAMS")
     if num_beams > 1 and temperature > 0:
         raise SoftpromptError(
             f"INFER_NUM_BEAMS = {num_beams} searches beams and INFER_TEMPERATURE = "

@@ -15,8 +15,9 @@ Predictions are made in batches that mix the prompts, and come back in the rows'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,10 @@ import jax
 import numpy as np
 import seqio
 
-from softprompt_jax import decoding, gin_checks, inference
+from softprompt_jax import batching, gin_checks, inference
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.prompt_bank import PromptBank
-from softprompt_jax.prompt_eval import prompted_batches, score_batches
 
 FIELDS = ("prompt", "inputs", "candidates")
 REQUIRED = ("prompt", "inputs")
@@ -159,18 +159,23 @@ def predict(
     seed: int = 0,
     num_beams: int = 1,
     alpha: float = 0.6,
+    length_buckets: int = 1,
 ) -> list[Prediction]:
     """Each row's prediction, in order: decoded text, or its best-scoring candidate (the
-    earliest among equals) with every candidate's score. `targets` decodes and tokenizes."""
+    earliest among equals) with every candidate's score. `targets` decodes and tokenizes.
+
+    `length_buckets > 1` pads batches to a few input lengths, shortest inputs first
+    (`batching.bucket_lengths`); the predictions still come back in the rows' order.
+    """
     predictions: list[Prediction | None] = [None] * len(rows)
     decoded = [i for i, row in enumerate(rows) if row.candidates is None]
     if decoded:
-        texts = inference.predict_texts(
+        decode = functools.partial(
+            inference.predict_texts,
             cfg,
             params,
             prompt,
             targets.vocabulary,
-            _batches(prompt, [rows[i] for i in decoded], inputs_length, batch_size),
             max_length=max_length,
             temperature=temperature,
             top_k=top_k,
@@ -178,50 +183,34 @@ def predict(
             num_beams=num_beams,
             alpha=alpha,
         )
+        batches, order = batching.input_batches(
+            [rows[i].tokens for i in decoded],
+            _prompt_ids(prompt, [rows[i] for i in decoded]),
+            max_length=inputs_length,
+            batch_size=batch_size,
+            length_buckets=length_buckets,
+        )
+        texts = batching.restore_order(decode(batches), order)
         for i, text in zip(decoded, texts, strict=True):
             predictions[i] = Prediction(text)
-    ranked = [i for i, row in enumerate(rows) if row.candidates is not None]
-    scores = _candidate_scores(
-        cfg, params, prompt, [rows[i] for i in ranked], targets, inputs_length, batch_size
+    ranked_at = [i for i, row in enumerate(rows) if row.candidates is not None]
+    ranked = [rows[i] for i in ranked_at]
+    scores = inference.candidate_scores(
+        cfg,
+        params,
+        prompt,
+        [row.tokens for row in ranked],
+        [[tokenize(c, targets, None)[0] for c in row.candidates] for row in ranked],
+        _prompt_ids(prompt, ranked),
+        batch_size=batch_size,
+        inputs_length=inputs_length,
+        length_buckets=length_buckets,
     )
-    for i, each in zip(ranked, scores, strict=True):
-        predictions[i] = Prediction(rows[i].candidates[int(np.argmax(each))], tuple(each))
+    for i, each in zip(ranked_at, scores, strict=True):
+        predictions[i] = Prediction(rows[i].candidates[int(np.argmax(each))], tuple(each.tolist()))
     return predictions
 
 
-def _candidate_scores(
-    cfg: T5Config,
-    params: Mapping[str, Any],
-    prompt: jax.Array | PromptBank,
-    rows: Sequence[InferRow],
-    targets: seqio.Feature,
-    inputs_length: int,
-    batch_size: int,
-) -> list[list[float]]:
-    """Per row, the summed log-likelihood of each of its candidates (whole, EOS included)."""
-    pairs = [(row, tokenize(c, targets, None)[0]) for row in rows for c in row.candidates]
-    if not pairs:
-        return []
-    pair_rows, candidate_ids = zip(*pairs, strict=True)
-    scores = score_batches(
-        inference.make_score_fn(cfg, params, prompt),
-        _batches(prompt, pair_rows, inputs_length, batch_size, candidate_ids),
-    )
-    counts = np.cumsum([len(row.candidates) for row in rows])[:-1]
-    return [each.tolist() for each in np.split(scores, counts)]
-
-
-def _batches(
-    prompt: jax.Array | PromptBank,
-    rows: Sequence[InferRow],
-    inputs_length: int,
-    batch_size: int,
-    targets: Sequence[np.ndarray] | None = None,
-) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """T5X batches of the rows' inputs with these target ids (decoding needs none: a bare
-    EOS), each row with its prompt's id when `prompt` is a bank."""
-    targets = targets or [np.array([decoding.EOS_ID], np.int32)] * len(rows)
-    examples = [{"inputs": row.tokens, "targets": t} for row, t in zip(rows, targets, strict=True)]
-    lengths = {"inputs": inputs_length, "targets": max(len(t) for t in targets)}
-    ids = [prompt.index(row.prompt) for row in rows] if isinstance(prompt, PromptBank) else None
-    return prompted_batches(examples, ids, lengths, batch_size)
+def _prompt_ids(prompt: jax.Array | PromptBank, rows: Sequence[InferRow]) -> list[int] | None:
+    """Each row's prompt of the bank; None for a single prompt."""
+    return [prompt.index(row.prompt) for row in rows] if isinstance(prompt, PromptBank) else None

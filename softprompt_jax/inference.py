@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softprompt_jax import decoding
+from softprompt_jax import batching, decoding
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.lm_batches import right_aligned
 from softprompt_jax.lm_decoding import lm_generate
@@ -22,6 +22,7 @@ from softprompt_jax.losses import score_batch
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.model.network import T5
+from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompts import prepend_prompt
 
 Batch = Mapping[str, np.ndarray]
@@ -106,14 +107,92 @@ def ids_to_texts(vocabulary, ids: np.ndarray) -> list[str]:
 def make_score_fn(
     cfg: T5Config, params: Mapping[str, Any], prompt: jax.Array
 ) -> Callable[[Batch], np.ndarray]:
-    """The rank-classification `ScoreFn`: summed target log-likelihood per example."""
+    """The rank-classification `ScoreFn`: summed target log-likelihood per example.
+
+    Rows of a batch that share their input (and prompt), as a rank task's candidates do,
+    share one encoder pass (`batching.share_encoder_rows`; T5, not decoder-only models).
+    """
     scorer = jax.jit(functools.partial(score_batch, cfg))
+    share = isinstance(cfg, T5Config)  # a decoder-only model has no encoder pass to share
 
     def score_fn(batch: Batch) -> np.ndarray:
-        features = {k: jnp.asarray(v) for k, v in batch.items()}
+        shared = batching.share_encoder_rows(batch) if share else batch
+        features = {k: jnp.asarray(v) for k, v in shared.items()}
         return np.asarray(scorer(params, prompt, features))
 
     return score_fn
+
+
+def candidate_scores(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array | PromptBank,
+    inputs: Sequence[np.ndarray],
+    candidates: Sequence[Sequence[np.ndarray]],
+    prompt_ids: Sequence[int] | None = None,
+    *,
+    batch_size: int,
+    inputs_length: int | None = None,
+    length_buckets: int = 1,
+) -> list[np.ndarray]:
+    """Per input, each of its candidates' summed log-likelihood (float64), in order.
+
+    The public entry for rank classification on token ids (infer, the server, benchmarks):
+    `inputs[i]` are input ids (EOS included), `candidates[i]` its candidate target ids (any
+    number, EOS included), `prompt_ids[i]` its prompt of a bank. Inputs longer than
+    `inputs_length` (default: the longest) are cut. Each batch holds `batch_size`
+    (input, candidate) rows and encodes each distinct input once; `length_buckets > 1` pads
+    batches to a few input lengths (`batching.bucket_lengths`) instead of the longest.
+    """
+    pairs = [(i, c) for i, each in enumerate(candidates) for c in each]
+    if not pairs:
+        return [np.zeros([0]) for _ in inputs]
+    inputs_length = inputs_length or max(len(tokens) for tokens in inputs)
+    targets_length = max(len(c) for _, c in pairs)
+    rows = [min(len(inputs[i]), inputs_length) for i, _ in pairs]
+    keys = [(inputs[i][:inputs_length].tobytes(), _id(prompt_ids, i)) for i, _ in pairs]
+    score_fn = make_score_fn(cfg, params, prompt)
+    scores: list[float] = []
+    order: list[int] = []
+    for length, indices in batching.by_length(rows, inputs_length, length_buckets, keys):
+        for start in range(0, len(indices), batch_size):
+            chosen = [pairs[k] for k in indices[start : start + batch_size]]
+            batch = _candidate_batch(chosen, inputs, prompt_ids, length, targets_length, batch_size)
+            scores += list(score_fn(batch)[: len(chosen)])
+        order += list(indices)
+    scores = np.asarray(batching.restore_order(scores, order), np.float64)
+    return np.split(scores, np.cumsum([len(each) for each in candidates])[:-1])
+
+
+def _id(prompt_ids: Sequence[int] | None, row: int) -> int:
+    return -1 if prompt_ids is None else int(prompt_ids[row])
+
+
+def _candidate_batch(
+    pairs: Sequence[tuple[int, np.ndarray]],
+    inputs: Sequence[np.ndarray],
+    prompt_ids: Sequence[int] | None,
+    inputs_length: int,
+    targets_length: int,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """T5X features of (input index, candidate ids) pairs, zero-padded to `batch_size` rows."""
+    encoder = np.zeros((batch_size, inputs_length), np.int32)
+    targets = np.zeros((batch_size, targets_length), np.int32)
+    for row, (i, candidate) in enumerate(pairs):
+        tokens = inputs[i][:inputs_length]
+        encoder[row, : len(tokens)] = tokens
+        targets[row, : len(candidate)] = candidate
+    batch = {
+        "encoder_input_tokens": encoder,
+        "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": (targets > 0).astype(np.int32),
+    }
+    if prompt_ids is not None:
+        ids = [prompt_ids[i] for i, _ in pairs]
+        batch["prompt_ids"] = np.pad(np.asarray(ids, np.int32), (0, batch_size - len(pairs)))
+    return batch
 
 
 def predict_texts(

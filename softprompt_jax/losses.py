@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from softprompt_jax.causal_lm import lm_loss_inputs
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.lm_batches import causal_lm_batch
-from softprompt_jax.model import T5Config
+from softprompt_jax.model import T5, T5Config
 from softprompt_jax.model.decoder_config import is_decoder_only
-from softprompt_jax.prompts import packing_features, prompted_logits
+from softprompt_jax.prompts import packing_features, prepend_prompt, prompted_logits
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -289,6 +289,51 @@ def prompt_loss_and_grad(
     return loss, grad
 
 
+def _shared_encoder_logits(
+    model: T5,
+    prompt: jax.Array,
+    encoder_input_tokens: jax.Array,
+    prompt_ids: jax.Array | None,
+    encoder_index: jax.Array | None,
+    decoder_input_tokens: jax.Array,
+    decoder_target_tokens: jax.Array,
+) -> jax.Array:
+    """Body for `T5.apply`: encode each encoder row once; decoder row i reads `encoder_index[i]`.
+
+    `encoder_index=None` pairs the rows one to one (the plain teacher-forced logits).
+    """
+    embeddings, mask = prepend_prompt(
+        prompt, model.embed(encoder_input_tokens), encoder_input_tokens > 0, prompt_ids
+    )
+    encoded = model.encode(
+        encoder_input_embeddings=embeddings, encoder_mask=mask, enable_dropout=False
+    )
+    if encoder_index is not None:
+        encoded = jnp.take(encoded, encoder_index, axis=0)
+        mask = jnp.take(mask, encoder_index, axis=0)
+    return model.decode(
+        encoded, mask, decoder_input_tokens, decoder_target_tokens, enable_dropout=False
+    )
+
+
+def _target_scores(
+    cfg, params, prompt, tokens, prompt_ids, encoder_index, targets, inputs, weights
+):
+    """Summed target log-likelihood per decoder row, each encoder row encoded once."""
+    logits = T5(cfg).apply(
+        {"params": params},
+        prompt,
+        tokens,
+        prompt_ids,
+        encoder_index,
+        inputs,
+        targets,
+        method=_shared_encoder_logits,
+    )
+    token_loss, _ = token_cross_entropy(logits, targets)
+    return -jnp.sum(token_loss * weights, axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def score_batch(
     cfg: T5Config,
@@ -297,20 +342,58 @@ def score_batch(
     batch: Batch,
     prompt_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Per-example sum of target log-likelihoods `[batch]` (T5X `score_batch`, no z-loss)."""
+    """Per-example sum of target log-likelihoods `[batch]` (T5X `score_batch`, no z-loss).
+
+    With an `encoder_index` `[batch]` feature (`batching.share_encoder_rows` adds it), the
+    encoder rows are the distinct inputs `[n, L]` (and `prompt_ids` `[n]`), each encoded once,
+    and example i is scored on encoder row `encoder_index[i]`: rank classification's
+    candidates of one input share its encoder pass.
+    """
     if prompt_ids is None:
         prompt_ids = batch.get("prompt_ids")
     if is_decoder_only(cfg):
         ids = {} if prompt_ids is None else {"prompt_ids": prompt_ids}
         return _causal_lm_scores(cfg, params, prompt, {**batch, **ids})
-    logits = prompted_logits(
+    return _target_scores(
         cfg,
         params,
         prompt,
         batch["encoder_input_tokens"],
-        batch["decoder_input_tokens"],
         prompt_ids,
-        decoder_target_tokens=batch["decoder_target_tokens"],
+        batch.get("encoder_index"),
+        batch["decoder_target_tokens"],
+        batch["decoder_input_tokens"],
+        loss_weights(batch),
     )
-    token_loss, _ = token_cross_entropy(logits, batch["decoder_target_tokens"])
-    return -jnp.sum(token_loss * loss_weights(batch), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def score_candidates(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array,
+    inputs: jax.Array,
+    candidates: jax.Array,
+    prompt_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Each candidate's summed log-likelihood `[B, C]` given its input, one encoder pass per input.
+
+    `inputs` `[B, L]` are input ids (0-padded, EOS included); `candidates` `[B, C, T]` are
+    target ids (0-padded, EOS included; an all-zero candidate scores 0); `prompt_ids` `[B]`
+    pick each input's prompt of a bank. Equals `score_batch` on the B * C (input, candidate)
+    rows, with T5X's decoder inputs (the targets shifted right, 0 first).
+    """
+    batch, count, length = candidates.shape
+    targets = candidates.reshape(batch * count, length)
+    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+    return _target_scores(
+        cfg,
+        params,
+        prompt,
+        inputs,
+        prompt_ids,
+        jnp.repeat(jnp.arange(batch), count),
+        targets,
+        decoder_inputs,
+        (targets > 0).astype(jnp.float32),
+    ).reshape(batch, count)

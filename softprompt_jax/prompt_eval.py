@@ -9,7 +9,8 @@ K prompts of one task in one batch and combines their answers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -17,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from softprompt_jax import inference
+from softprompt_jax import batching, inference
 from softprompt_jax.ensembles import ensemble_predict, ensemble_scores, majority
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.losses import packed_scores
 from softprompt_jax.model.config import T5Config
+from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompts import prompt_slot_token
 from softprompt_jax.tasks import evaluation as task_evaluation
@@ -56,6 +58,7 @@ def evaluate_prompt(
     decode_length: int | None = None,
     num_beams: int = 1,
     alpha: float = 0.6,
+    length_buckets: int = 1,
     pack: bool = False,
 ) -> dict[str, float]:
     """The task's metrics on `split` (at most `max_examples` examples).
@@ -63,7 +66,8 @@ def evaluate_prompt(
     `feature_lengths=None` scores whole inputs and targets, as T5X evaluates; given lengths
     truncate like training. Generation tasks also report `loss_per_token`, the mean target
     cross-entropy, and decode `decode_length` tokens (default: the targets length), greedily
-    or, with `num_beams > 1`, by beam search with length penalty `alpha`.
+    or, with `num_beams > 1`, by beam search with length penalty `alpha`. `length_buckets > 1`
+    pads batches to a few input lengths (`batching.bucket_lengths`); the metrics are the same.
     `pack=True` scores several examples per row (seqio's packing, each example with its
     prompt; `packed_example_scores`): the same scores in fewer rows. Decoding stays unpacked.
     """
@@ -79,6 +83,7 @@ def evaluate_prompt(
         decode_length=decode_length,
         num_beams=num_beams,
         alpha=alpha,
+        length_buckets=length_buckets,
         pack=pack,
     )[task]
 
@@ -96,6 +101,7 @@ def evaluate_tasks(
     decode_length: int | None = None,
     num_beams: int = 1,
     alpha: float = 0.6,
+    length_buckets: int = 1,
     pack: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Each task's metrics, as `evaluate_prompt` gives them, with its own prompt.
@@ -110,13 +116,15 @@ def evaluate_tasks(
     padded = {name: max(each[name] for each in lengths.values()) for name in ("inputs", "targets")}
     rows = _interleaved({task: len(ex) for task, ex in examples.items()})
 
-    def batches(chosen: Sequence[Row]) -> Batches:
+    def in_batches(chosen: Sequence[Row], run: Callable[[Batches], Sequence[Any]]) -> list[Any]:
         ids = [prompt_ids[task] for task, _ in chosen]
-        return prompted_batches(
+        return bucketed(
             [examples[task][i] for task, i in chosen],
             None if None in ids else ids,
             padded,
             batch_size,
+            length_buckets,
+            run,
         )
 
     if pack:
@@ -128,20 +136,21 @@ def evaluate_tasks(
         scores = _by_task(list(packed), rows)
     else:
         score_fn = inference.make_score_fn(cfg, params, prompt)
-        scores = _by_task(score_batches(score_fn, batches(rows)), rows)
+        scores = _by_task(in_batches(rows, lambda b: score_batches(score_fn, b)), rows)
     predictions: dict[str, list[str]] = {}
     for tasks, vocabulary, max_length in _decode_groups(lengths, decode_length):
         chosen = [row for row in rows if row[0] in tasks]
-        texts = inference.predict_texts(
+        decode = functools.partial(
+            inference.predict_texts,
             cfg,
             params,
             prompt,
             vocabulary,
-            batches(chosen),
             max_length=max_length,
             num_beams=num_beams,
             alpha=alpha,
         )
+        texts = in_batches(chosen, decode)
         predictions |= _by_task(texts, chosen)
     return {
         task: _rank_metrics(task, ex, scores[task])
@@ -162,19 +171,29 @@ def evaluate_ensemble(
     batch_size: int,
     max_examples: int | None = None,
     decode_length: int | None = None,
+    length_buckets: int = 1,
 ) -> dict[str, float]:
     """Every member's metrics (`member/<name>/<metric>`) and the ensemble's, in one batch.
 
     The ensemble's answer is the majority vote of the members' answers, ties to the earliest
     member (`ensemble_vote/<metric>`); a rank task also ranks the candidates by the members'
-    mean log-likelihood (`ensemble_mean_score/<metric>`). Decoding is greedy.
+    mean log-likelihood (`ensemble_mean_score/<metric>`). Decoding is greedy;
+    `length_buckets` as in `evaluate_prompt`.
     """
     examples = _examples(task, split, feature_lengths, max_examples)
     lengths = dict(feature_lengths or full_lengths(examples))
-    batches = list(task_evaluation.t5x_batches(examples, lengths, batch_size))
-    member_scores = np.concatenate(
-        [ensemble_scores(cfg, params, bank, batch)[0][:, :size] for batch, size in batches], axis=1
-    )
+
+    def in_batches(run: Callable[[Batches], Sequence[Any]]) -> list[Any]:
+        return bucketed(examples, None, lengths, batch_size, length_buckets, run)
+
+    def scores_per_row(batches: Batches) -> list[np.ndarray]:
+        return [
+            column
+            for batch, size in batches
+            for column in ensemble_scores(cfg, params, bank, batch)[0][:, :size].T
+        ]
+
+    member_scores = np.stack(in_batches(scores_per_row), axis=1)
     if is_rank_task(task):
         members = [_rank_metrics(task, examples, scores) for scores in member_scores]
         results = {
@@ -183,7 +202,11 @@ def evaluate_ensemble(
         }
     else:
         max_length = decode_length or lengths["targets"]
-        member_texts, vote = _ensemble_texts(cfg, params, bank, task, batches, max_length)
+        answers = in_batches(
+            lambda batches: _ensemble_texts(cfg, params, bank, task, batches, max_length)
+        )
+        member_texts = [[each[0][k] for each in answers] for k in range(len(bank.names))]
+        vote = [each[1] for each in answers]
         members = [
             _generation_metrics(task, examples, texts, scores, lengths)
             for texts, scores in zip(member_texts, member_scores, strict=True)
@@ -217,6 +240,41 @@ def prompted_batches(
         start += size
 
 
+def bucketed(
+    examples: Sequence[Example],
+    prompt_ids: Sequence[int] | None,
+    lengths: Mapping[str, int],
+    batch_size: int,
+    length_buckets: int,
+    run: Callable[[Batches], Sequence[Any]],
+) -> list[Any]:
+    """`run`'s per-row outputs on `prompted_batches` of the examples, in the examples' order.
+
+    With `length_buckets > 1` the examples run shortest first, each batch padded to its
+    bucket's input length (`batching.by_length`; rows sharing an input and prompt together),
+    and the outputs are put back in order.
+    """
+    keys = [
+        (np.asarray(ex["inputs"]).tobytes(), -1 if prompt_ids is None else prompt_ids[i])
+        for i, ex in enumerate(examples)
+    ]
+    groups = batching.by_length(
+        [len(ex["inputs"]) for ex in examples], lengths["inputs"], length_buckets, keys
+    )
+
+    def batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        for length, indices in groups:
+            yield from prompted_batches(
+                [examples[i] for i in indices],
+                None if prompt_ids is None else [prompt_ids[i] for i in indices],
+                {**lengths, "inputs": length},
+                batch_size,
+            )
+
+    outputs = list(run(batches()))
+    return batching.restore_order(outputs, np.concatenate([i for _, i in groups] or [[]]))
+
+
 def packed_example_scores(
     cfg: T5Config,
     params: Mapping[str, Any],
@@ -233,6 +291,11 @@ def packed_example_scores(
     score (`losses.packed_scores`) is mapped back to its example: `score_batches` of the same
     examples unpacked, in fewer rows.
     """
+    if is_decoder_only(cfg) or not isinstance(prompt, (PromptBank, jax.Array)):
+        raise SoftpromptError(
+            "PACK=True packs soft prompts on T5 (encoder-decoder) rows; "
+            "score this model or prefix with PACK=False"
+        )
     if isinstance(prompt, PromptBank):
         lengths_by_id = prompt.lengths
     else:
@@ -356,18 +419,17 @@ def _ensemble_texts(
     task: str,
     batches: Batches,
     max_length: int,
-) -> tuple[list[list[str]], list[str]]:
-    """Every member's greedy answers `[K][examples]` and their majority vote `[examples]`."""
+) -> list[tuple[list[str], str]]:
+    """Per example, every member's greedy answer `[K]` and their majority vote."""
     vocabulary = _targets_vocabulary(task)
-    members: list[list[str]] = [[] for _ in bank.names]
-    vote: list[str] = []
+    answers: list[tuple[list[str], str]] = []
     for batch, size in batches:
         tokens = jnp.asarray(batch["encoder_input_tokens"])
         per_member, voted = ensemble_predict(cfg, params, bank, tokens, max_length=max_length)
-        for texts, ids in zip(members, per_member, strict=True):
-            texts += inference.ids_to_texts(vocabulary, ids[:size])
-        vote += inference.ids_to_texts(vocabulary, voted[:size])
-    return members, vote
+        texts = [inference.ids_to_texts(vocabulary, ids[:size]) for ids in per_member]
+        votes = inference.ids_to_texts(vocabulary, voted[:size])
+        answers += [([each[i] for each in texts], votes[i]) for i in range(size)]
+    return answers
 
 
 def metric_names(task: str, split: str) -> set[str]:

@@ -758,6 +758,7 @@ def test_a_bad_inspect_flag_is_one_line(
         ({"PROMPT_FILE": "p.npy", "ENSEMBLE": True}, "ENSEMBLE = True needs PROMPTS"),
         ({"PROMPTS": 5}, "PROMPTS must be a bank file or folder"),
         ({"PROMPT_FILE": "p.npy", "EVAL_NUM_BEAMS": 0}, "EVAL_NUM_BEAMS must be a positive"),
+        ({"PROMPT_FILE": "p.npy", "EVAL_LENGTH_BUCKETS": 0}, "EVAL_LENGTH_BUCKETS must be a"),
     ],
 )
 def test_a_bad_prompt_setting_is_one_line(
@@ -790,6 +791,7 @@ def test_a_bad_prompt_setting_is_one_line(
             {"PROMPTS": {"a": "p.npy"}, "INFER_NUM_BEAMS": 2, "INFER_TEMPERATURE": 0.5},
             "INFER_NUM_BEAMS = 2 searches beams and INFER_TEMPERATURE = 0.5 samples",
         ),
+        ({"PROMPTS": {"a": "p.npy"}, "INFER_LENGTH_BUCKETS": 0}, "INFER_LENGTH_BUCKETS must be a"),
     ],
 )
 def test_a_bad_infer_setting_is_one_line(
