@@ -16,7 +16,7 @@ from softprompt_jax.tasks.evaluation import t5x_batches
 from softprompt_jax.tasks.packing import packed_batches
 
 import softprompt_jax as sp
-from softprompt_jax import prompt_eval
+from softprompt_jax import commands, prompt_eval
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.losses import LossConfig, prompt_loss, score_batch
 from softprompt_jax.prompt_eval import evaluate_prompt, packed_example_scores, prompted_batches
@@ -175,7 +175,7 @@ def test_packed_rows_refuse_a_kept_prompt_without_dropout(params, examples):
         )
 
 
-def test_packed_training_run_scores_its_evaluation_as_unpacked(tmp_path, monkeypatch):
+def test_packed_training_run_and_eval_score_as_unpacked(tmp_path, monkeypatch):
     demo.register_demo_tasks()
     packed_calls = []
     for module, name in ((data, "_packed_batches"), (prompt_eval, "packed_example_scores")):
@@ -211,6 +211,19 @@ def test_packed_training_run_scores_its_evaluation_as_unpacked(tmp_path, monkeyp
         batch_size=2,
         max_examples=4,
     )
-    assert result.eval_metrics.keys() == unpacked_metrics.keys()
-    for name, value in unpacked_metrics.items():
-        assert result.eval_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    sp.save_prompt(result.prompt, tmp_path / "prompt.npy")
+    evaluated = commands.evaluate(  # the `eval` command with PACK=True
+        checkpoint_path=str(tmp_path / "model"),
+        task="demo_max",
+        output_dir=str(tmp_path / "eval"),
+        prompt_file=str(tmp_path / "prompt.npy"),
+        batch_size=2,
+        max_examples=4,
+        dtype="float32",
+        pack=True,
+    )
+    assert packed_calls.count("packed_example_scores") == 2
+    for metrics in (result.eval_metrics, evaluated):
+        assert metrics.keys() == unpacked_metrics.keys()
+        for name, value in unpacked_metrics.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
