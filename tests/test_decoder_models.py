@@ -121,7 +121,7 @@ def test_cached_generation_equals_uncached_and_transformers(saved, family):
     model, path = saved[family]
     cfg, params = sp.load_pretrained(path, dtype="float32")
     ids, mask = _batch()
-    ids, mask = ids[:, :5], np.flip(mask[:, :5], axis=1).copy()  # left padding, as HF generates
+    mask = np.flip(mask, axis=1).copy()  # the second row left-padded, as HF generates
     ids = np.where(mask > 0, ids, 0)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     steps = 4
