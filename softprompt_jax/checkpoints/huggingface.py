@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flax.traverse_util import unflatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import SafetensorError, safe_open
 
 from softprompt_jax.errors import SoftpromptError
@@ -116,6 +117,17 @@ def params_from_hf_state_dict(
             raise SoftpromptError(f"{source}: tensor {theirs!r} (for {ours}) is missing")
         flat[tuple(ours.split("/"))] = state_dict[theirs].T if transpose else state_dict[theirs]
     return unflatten_dict(flat)
+
+
+def hf_tensors_from_params(params: Mapping, cfg: T5Config) -> Iterator[tuple[str, Any]]:
+    """`(HF tensor name, array)` for each of our (unscanned) params, one at a time.
+
+    The inverse of `params_from_hf_state_dict` (kernels transposed to `[out, in]`), lazy so a
+    caller can copy each tensor to another framework before the next transpose is made.
+    """
+    flat = {"/".join(path): leaf for path, leaf in flatten_dict(params).items()}
+    for ours, (theirs, transpose) in _hf_to_t5x_names(cfg).items():
+        yield theirs, flat[ours].T if transpose else flat[ours]
 
 
 def _present(name: str, available: Mapping) -> str:
