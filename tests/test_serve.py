@@ -80,10 +80,10 @@ def server(frozen_model, prompt_files):
     running.stop()
 
 
-def call(server: ServerThread, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def call(url: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """(status, JSON answer) of one HTTP request; `body` bytes are sent as they are."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path, data=data, method=method)
+    request = urllib.request.Request(url + path, data=data, method=method)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -94,7 +94,7 @@ def call(server: ServerThread, method: str, path: str, body: Any = None) -> tupl
 def call_all(server: ServerThread, calls: list[tuple[str, str, Any]]) -> list[tuple[int, Any]]:
     """The calls sent at once (so that the server batches them together)."""
     with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(lambda c: call(server, *c), calls))
+        return list(pool.map(lambda c: call(server.url, *c), calls))
 
 
 def metric(server: ServerThread, name: str) -> float:
@@ -155,7 +155,7 @@ def test_predictions_and_scores_equal_infer(server, frozen_model, prompt_files, 
 def test_load_mixing_prompts_compiles_nothing_after_warm_up(
     server, frozen_model, prompt_files, tmp_path
 ):
-    status, health = call(server, "GET", "/healthz")
+    status, health = call(server.url, "GET", "/healthz")
     assert status == 200 and health["programs"] == PROGRAMS
     assert metric(server, "softprompt_programs") == PROGRAMS
     load = serve_load.requests(sorted(PROMPT_LENGTHS), 36, seed=3)
@@ -183,29 +183,29 @@ def test_prompts_change_live_without_recompiling(server, frozen_model, tmp_path)
     compiles = metric(server, "softprompt_xla_compiles")  # from here on, nothing compiles
 
     def predict(name: str) -> tuple[int, Any]:
-        return call(server, "POST", "/v1/predict", {"prompt": name, "inputs": ["hello"]})
+        return call(server.url, "POST", "/v1/predict", {"prompt": name, "inputs": ["hello"]})
 
-    status, added = call(server, "POST", "/v1/prompts", {"name": "d", "prompt": first.tolist()})
+    status, added = call(server.url, "POST", "/v1/prompts", {"name": "d", "prompt": first.tolist()})
     assert (status, added) == (201, {"name": "d", "length": 2, "replaced": False})
     assert predict("d") == (200, {"predictions": [offline[id(first)]], **NOT_CUT})
     path = sp.save_prompt(second, tmp_path / "second.npy")
-    assert call(server, "POST", "/v1/prompts", {"name": "d", "path": str(path)})[0] == 200
+    assert call(server.url, "POST", "/v1/prompts", {"name": "d", "path": str(path)})[0] == 200
     assert predict("d") == (200, {"predictions": [offline[id(second)]], **NOT_CUT})
-    status, listed = call(server, "GET", "/v1/prompts")
+    status, listed = call(server.url, "GET", "/v1/prompts")
     assert listed["prompts"][-1] == {"name": "d", "length": MAX_PROMPT_LENGTH}
     assert (listed["capacity"], listed["max_length"]) == (4, MAX_PROMPT_LENGTH)
-    status, full = call(server, "POST", "/v1/prompts", {"name": "e", "prompt": first.tolist()})
+    status, full = call(server.url, "POST", "/v1/prompts", {"name": "e", "prompt": first.tolist()})
     assert status == 409 and full["field"] == "name" and "SERVE_MAX_PROMPTS" in full["error"]
     too_long = prompt_array(0, MAX_PROMPT_LENGTH + 1).tolist()
-    status, error = call(server, "POST", "/v1/prompts", {"name": "d", "prompt": too_long})
+    status, error = call(server.url, "POST", "/v1/prompts", {"name": "d", "prompt": too_long})
     assert (
         status == 400 and error["field"] == "prompt" and "SERVE_MAX_PROMPT_LENGTH" in error["error"]
     )
-    status, error = call(server, "POST", "/v1/prompts", {"name": "d", "path": "/no/such.npy"})
+    status, error = call(server.url, "POST", "/v1/prompts", {"name": "d", "path": "/no/such.npy"})
     assert status == 400 and error["field"] == "path"
-    assert call(server, "DELETE", "/v1/prompts/d") == (200, {"deleted": "d"})
+    assert call(server.url, "DELETE", "/v1/prompts/d") == (200, {"deleted": "d"})
     assert predict("d")[0] == 404
-    assert call(server, "DELETE", "/v1/prompts/d")[0] == 404
+    assert call(server.url, "DELETE", "/v1/prompts/d")[0] == 404
     assert predict("a")[0] == 200
     assert metric(server, "softprompt_xla_compiles") == compiles
 
@@ -247,7 +247,7 @@ BAD_REQUESTS = [  # (path, body, status, field)
 
 def test_each_bad_request_gets_its_status_and_a_json_error(server):
     good = ("POST", "/v1/predict", {"prompt": "b", "inputs": ["hello", "abc def"]})
-    expected = call(server, *good)
+    expected = call(server.url, *good)
     assert expected[0] == 200
     for path, body, status, field in BAD_REQUESTS:
         # Sent together with good requests, so they share a batch window with it.
@@ -255,17 +255,17 @@ def test_each_bad_request_gets_its_status_and_a_json_error(server):
         assert bad[0] == status, (path, body, bad)
         assert isinstance(bad[1]["error"], str) and bad[1].get("field") == field, bad
         assert goods == [expected, expected]
-    assert call(server, "GET", "/v1/predict")[0] == 405
-    assert call(server, *good) == expected
+    assert call(server.url, "GET", "/v1/predict")[0] == 405
+    assert call(server.url, *good) == expected
 
 
 def test_max_decode_length_is_infers_decode_length(server, frozen_model, prompt_files, tmp_path):
     body = {"prompt": "c", "inputs": INPUTS, "max_decode_length": 1}
-    status, answer = call(server, "POST", "/v1/predict", body)
+    status, answer = call(server.url, "POST", "/v1/predict", body)
     lines = [{"prompt": "c", "inputs": text} for text in INPUTS]
     offline = infer_lines(frozen_model, prompt_files, lines, tmp_path, decode_length=1)
     assert answer["predictions"] == [line["prediction"] for line in offline]
-    whole = call(server, "POST", "/v1/predict", body | {"max_decode_length": 4})[1]
+    whole = call(server.url, "POST", "/v1/predict", body | {"max_decode_length": 4})[1]
     assert answer["predictions"] != whole["predictions"]
 
 
@@ -403,10 +403,9 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path):
     else:
         pytest.fail("the server ended before serving:\n" + "".join(lines))
     url = line.split(" on ")[1].split()[0]
-    server = type("Url", (), {"url": url})()
     calls = [("POST", "/v1/predict", {"prompt": p, "inputs": INPUTS}) for p in PROMPT_LENGTHS]
     with ThreadPoolExecutor(len(calls)) as pool:
-        pending = [pool.submit(call, server, *c) for c in calls]
+        pending = [pool.submit(call, url, *c) for c in calls]
         time.sleep(SIGTERM_WAIT_MS / 3000)  # the requests wait in the queue
         process.send_signal(signal.SIGTERM)
         answers = [each.result(timeout=120) for each in pending]
@@ -420,4 +419,4 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tmp_path):
     predicted = [text for _, answer in answers for text in answer["predictions"]]
     assert predicted == [line["prediction"] for line in offline]
     with pytest.raises(urllib.error.URLError):
-        call(server, "GET", "/healthz")
+        call(url, "GET", "/healthz")

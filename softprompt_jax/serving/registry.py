@@ -32,7 +32,8 @@ class Snapshot:
 
 
 class PromptRegistry:
-    """Named prompts in a fixed-capacity bank. Used from one thread (the server's event loop)."""
+    """Named prompts in a fixed-capacity bank. Changed from one thread (the server's event
+    loop); `snapshot()` may be read from any (it swaps one immutable object)."""
 
     def __init__(self, capacity: int, max_length: int, emb_dim: int) -> None:
         self.capacity, self.max_length, self.emb_dim = capacity, max_length, emb_dim
@@ -77,7 +78,9 @@ class PromptRegistry:
 
     def delete(self, name: str) -> None:
         """Forget the prompt `name`; its row is free for the next one."""
-        row = self._rows.pop(self._known(name))
+        if name not in self._rows:
+            raise KeyError(name)
+        row = self._rows.pop(name)
         del self._lengths[name]
         self._prompts[row] = 0.0
         self._mask[row] = False
@@ -93,11 +96,6 @@ class PromptRegistry:
     def snapshot(self) -> Snapshot:
         """The current bank; later changes make a new one and leave this one as it is."""
         return self._snapshot
-
-    def _known(self, name: str) -> str:
-        if name not in self._rows:
-            raise KeyError(name)
-        return name
 
     def _free_row(self, name: str) -> int:
         used = set(self._rows.values())
