@@ -6,6 +6,8 @@ The references are the same examples unpacked, one per row, with the prompt prep
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,6 +202,13 @@ def test_packed_training_run_and_eval_score_as_unpacked(tmp_path, monkeypatch):
         pack=True,
     )
     assert np.isfinite(result.train_loss)
+    stream = train_batches(
+        "demo_max", {"inputs": 24, "targets": 8}, 2, seed=0, pack_prompt_length=3
+    )
+    segments = [float(next(stream)["encoder_segment_ids"].max(axis=1).sum()) for _ in range(2)]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    logged = [r["examples_per_step"] for r in records if r["kind"] == "train"]
+    assert logged == segments and max(segments) > 2  # examples, not the 2 rows, are counted
     assert set(packed_calls) == {"_packed_batches", "packed_example_scores"}
     unpacked_metrics = evaluate_prompt(
         TINY,

@@ -223,7 +223,7 @@ def train(
 
     `pack` puts several examples in each of the `batch_size` rows (seqio's packing, each
     example with its own copy of its prompt; `train/data.py`): the loss is that of the same
-    examples unpacked, and `examples/s` in the logs counts rows.
+    examples unpacked, and the logs count examples (`examples_per_step`, `examples_per_second`).
 
     The frozen params are sharded over the device mesh; the prompt and its optimizer state
     are replicated and each process feeds its share of every global batch. Logging,
@@ -307,7 +307,8 @@ def train(
         meter = StepMeter()
         evaluate = _eval_hook(writer, checkpointer, cfg, params, targets, batch_size, evaluation)
         hooks = Hooks()
-        hooks.add(_log_hook(writer, meter, batch_size, checkpointer), every=logging.period)
+        examples: list[float] = []  # examples of each step since the last log
+        hooks.add(_log_hook(writer, meter, examples, checkpointer), every=logging.period)
         hooks.add(_checkpoint_hook(checkpointer, run_info, meter), every=checkpointing.period)
         hooks.add(evaluate, every=evaluation.period)
         latest: dict[str, Any] = {}  # the latest of what the hooks produced
@@ -348,7 +349,9 @@ def train(
             for step in range(start_step, train_steps):
                 if stop.signal:
                     _save_and_stop(checkpointer, run_info, meter, step, state, stop.signal, writer)
-                batch = global_batch(next(batches), device_mesh, rules)
+                host_batch = next(batches)
+                examples.append(_examples_in(host_batch, batch_size))
+                batch = global_batch(host_batch, device_mesh, rules)
                 if step == start_step:
                     writer.console("compiling the train step (the first step takes longer)")
                 state, metrics = step_fn(state, params, batch, rng)
@@ -470,18 +473,33 @@ def _missed_evaluation(records: list[dict], start_step: int, train_steps: int, p
     return bool(multihost_utils.broadcast_one_to_all(np.bool_(not recorded)))
 
 
+def _examples_in(host_batch: Mapping[str, np.ndarray], batch_size: int) -> float:
+    """Examples in a global batch: its rows, or a packed batch's segments (this process's
+    count scaled to the global batch)."""
+    if "encoder_segment_ids" not in host_batch:
+        return float(batch_size)
+    segments = host_batch["encoder_segment_ids"]
+    return float(segments.max(axis=1).sum()) * batch_size / len(segments)
+
+
 def _log_hook(
-    writer: MetricsWriter, meter: StepMeter, batch_size: int, checkpointer: TrainCheckpointer
+    writer: MetricsWriter, meter: StepMeter, examples: list[float], checkpointer: TrainCheckpointer
 ) -> Hook:
-    """Mean loss, examples/s and ETA since the last log, to the console and metrics.jsonl."""
+    """Mean loss, examples/s and ETA since the last log, to the console and metrics.jsonl.
+
+    `examples` holds each step's examples (packed rows hold several), emptied at every log.
+    """
 
     def log(info: StepInfo) -> None:
         _check_finite(meter, info, checkpointer)
         loss = meter.mean_loss()
         values, line = {"loss": loss}, f"step {info.step}/{info.last_step}  loss {loss:.4f}"
+        if examples:
+            values["examples_per_step"] = float(np.mean(examples))
+        examples.clear()
         seconds_per_step = meter.seconds_per_step()
-        if seconds_per_step is not None:
-            values["examples_per_second"] = batch_size / seconds_per_step
+        if seconds_per_step is not None and "examples_per_step" in values:
+            values["examples_per_second"] = values["examples_per_step"] / seconds_per_step
             eta = format_eta((info.last_step - info.step) * seconds_per_step)
             line += f"  {values['examples_per_second']:.1f} ex/s  ETA {eta}"
         writer.console(line)
