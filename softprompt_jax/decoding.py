@@ -1,8 +1,10 @@
 """Autoregressive decoding with a key/value cache: greedy, temperature sampling, beam search.
 
-The encoder runs once (callers pass its output, prompt included, and mask);
-each step feeds one token through the decoder, whose self-attention keys and
-values accumulate in Flax's `cache` collection, as in T5X.
+The encoder runs once (callers pass its output, prompt included, and mask). The
+decode cache (Flax's `cache` collection) holds each decoder layer's cross-attention
+keys and values, projected from the encoder output once per batch (T5X re-projects
+them at every step), and the self-attention keys and values, which accumulate
+step by step as in T5X. Beams share their row's cross-attention keys and values.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ class _LoopState(NamedTuple):
     rng: jax.Array
 
 
-def _decode_step(cfg, params, cache, encoded, encoder_mask, token, max_length):
+def _decode_step(cfg, params, cache, encoder_mask, token, max_length):
     logits, variables = T5(cfg).apply(
         {"params": params, "cache": cache},
-        encoded,
+        None,
         encoder_mask,
         token,
         enable_dropout=False,
@@ -45,24 +47,18 @@ def _decode_step(cfg, params, cache, encoded, encoder_mask, token, max_length):
 
 
 def init_cache(
-    cfg: T5Config, params: dict, encoded: jax.Array, encoder_mask: jax.Array, max_length: int
+    cfg: T5Config, params: dict, encoded: jax.Array, max_length: int, num_beams: int = 1
 ) -> dict:
-    """A zeroed decode cache for `encoded.shape[0]` rows and `max_length` steps."""
-    dummy = jnp.zeros((encoded.shape[0], max_length), jnp.int32)
-    shapes = jax.eval_shape(
-        lambda: T5(cfg).apply(
-            {"params": params},
-            encoded,
-            encoder_mask,
-            dummy,
-            enable_dropout=False,
-            decode=True,
-            max_decode_length=max_length,
-            method=T5.decode,
-            mutable=["cache"],
-        )[1]["cache"]
-    )
-    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    """The decode cache for `num_beams` rows per encoder row and `max_length` steps."""
+    rows = encoded.shape[0] * num_beams
+    return T5(cfg).apply(
+        {"params": params},
+        encoded,
+        rows,
+        max_length,
+        method=T5.init_decode_cache,
+        mutable=["cache"],
+    )[1]["cache"]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_length", "temperature", "top_k"))
@@ -89,7 +85,7 @@ def decode(
     state = _LoopState(
         step=jnp.array(0, jnp.int32),
         sequences=jnp.zeros((batch, max_length), jnp.int32),
-        cache=init_cache(cfg, params, encoded, encoder_mask, max_length),
+        cache=init_cache(cfg, params, encoded, max_length),
         token=jnp.zeros((batch, 1), jnp.int32),  # T5's decoder BOS is the pad id 0
         ended=jnp.zeros((batch,), bool),
         rng=rng,
@@ -100,7 +96,7 @@ def decode(
 
     def body(state: _LoopState) -> _LoopState:
         logits, cache = _decode_step(
-            cfg, params, state.cache, encoded, encoder_mask, state.token, max_length
+            cfg, params, state.cache, encoder_mask, state.token, max_length
         )
         rng, sample_rng = jax.random.split(state.rng)
         token = _choose(logits, temperature, top_k, sample_rng)
@@ -129,7 +125,7 @@ class _BeamState(NamedTuple):
     finished_seqs: jax.Array  # [batch, beams, 1 + max_length], EOS kept, zeros after
     finished_scores: jax.Array  # [batch, beams] log-prob / brevity penalty, descending
     finished_flags: jax.Array  # [batch, beams] whether the slot holds a finished sequence
-    cache: dict  # rows [batch * beams], beam index fastest
+    cache: dict  # self-attention rows [batch * beams], beam index fastest
 
 
 def brevity_penalty(alpha: float, length: jax.Array | int) -> jax.Array:
@@ -164,17 +160,15 @@ def beam_search(
     if not 1 <= num_decodes <= num_beams:
         raise ValueError(f"num_decodes must be in [1, num_beams={num_beams}], got {num_decodes}")
     batch = encoded.shape[0]
-    encoded = jnp.repeat(encoded, num_beams, axis=0)
-    encoder_mask = jnp.repeat(encoder_mask, num_beams, axis=0)
     init = _beam_init(
-        batch, num_beams, max_length, init_cache(cfg, params, encoded, encoder_mask, max_length)
+        batch, num_beams, max_length, init_cache(cfg, params, encoded, max_length, num_beams)
     )
     batch_axis = 1 if cfg.scan_layers else 0  # scanned layers stack the cache on axis 0
 
     def body(state: _BeamState) -> _BeamState:
         tokens = jax.lax.dynamic_index_in_dim(state.live_seqs, state.step, 2, keepdims=False)
         logits, cache = _decode_step(
-            cfg, params, state.cache, encoded, encoder_mask, tokens.reshape(-1, 1), max_length
+            cfg, params, state.cache, encoder_mask, tokens.reshape(-1, 1), max_length
         )
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
         return _beam_step(state, log_probs.reshape(batch, num_beams, -1), cache, alpha, batch_axis)
@@ -241,10 +235,14 @@ def _merge_finished(
 
 
 def _reorder_cache(cache: dict, rows: jax.Array, batch_axis: int) -> dict:
-    """Give each new beam its parent's keys and values: gather cache rows by flat beam index."""
+    """Give each new beam its parent's self-attention keys and values (rows by flat beam index).
+
+    Cross-attention keys and values stay: a beam's parent is in the same encoder row.
+    """
 
     def gather(path, x: jax.Array) -> jax.Array:
-        if getattr(path[-1], "key", None) == "cache_index":
+        keys = [getattr(part, "key", None) for part in path]
+        if keys[-1] == "cache_index" or "encoder_decoder_attention" in keys:
             return x
         return jnp.take(x, rows, axis=batch_axis)
 

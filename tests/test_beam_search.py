@@ -299,3 +299,39 @@ def test_predict_tokens_beam_searches_a_prompt_bank_batch(setup):
         CFG, params, bank, tokens, ids, max_length=MAX_LENGTH, num_beams=3
     )
     assert (predicted != np.asarray(default_alpha)).any(), "alpha should reach the search"
+
+
+def test_beams_equal_beams_without_a_cache(setup, monkeypatch):
+    """Beam search over the cache (cross-attention keys/values projected once per row, shared
+    by its beams) returns what it returns when every step reruns the whole decoder on the
+    beam's prefix, with no cache at all."""
+    params, tokens, encoded = setup
+    tokens, encoded = tokens[:6], encoded[:6]
+    settings = dict(max_length=MAX_LENGTH, num_beams=3, num_decodes=3)
+    cached = beam_search(CFG, params, encoded, tokens > 0, **settings)
+
+    def prefix_cache(cfg, params, encoded, max_length, num_beams=1):
+        prefix = jnp.zeros((encoded.shape[0] * num_beams, max_length), jnp.int32)
+        return {"prefix": prefix, "cache_index": jnp.array(0, jnp.int32)}
+
+    def full_step(cfg, params, cache, encoder_mask, token, max_length):
+        index, prefix = cache["cache_index"], cache["prefix"]
+        prefix = jax.lax.dynamic_update_slice(prefix, token, (0, index))
+        beams = prefix.shape[0] // encoded.shape[0]
+        logits = sp.T5(cfg).apply(
+            {"params": params},
+            jnp.repeat(encoded, beams, axis=0),
+            jnp.repeat(encoder_mask, beams, axis=0),
+            prefix,
+            enable_dropout=False,
+            method=sp.T5.decode,
+        )
+        step_logits = jax.lax.dynamic_index_in_dim(logits, index, 1, keepdims=False)
+        return step_logits, {"prefix": prefix, "cache_index": index + 1}
+
+    monkeypatch.setattr(decoding, "init_cache", prefix_cache)
+    monkeypatch.setattr(decoding, "_decode_step", full_step)
+    uncached = jax.jit(decoding.beam_search.__wrapped__, static_argnames=tuple(settings) + ("cfg",))
+    expected = uncached(CFG, params, encoded, tokens > 0, **settings)
+    np.testing.assert_array_equal(cached[0], expected[0])
+    np.testing.assert_allclose(cached[1], expected[1], rtol=0, atol=1e-5)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import softprompt_jax as sp
-from softprompt_jax.decoding import EOS_ID, decode
+from softprompt_jax.decoding import EOS_ID, _decode_step, decode, init_cache
+from softprompt_jax.model.scan import stack_layers
 
 # A small vocabulary makes EOS (id 1) come up naturally in random models.
 CFG = sp.get_config("t5_1_1_tiny").replace(vocab_size=8)
@@ -81,3 +84,31 @@ def test_sampling_is_seeded_and_respects_top_k(setup):
     assert (sample(1) != sample(2)).any()
     greedy = np.asarray(decode(CFG, params, encoded, mask, max_length=MAX_LENGTH))
     np.testing.assert_array_equal(sample(3, top_k=1), greedy)
+
+
+@pytest.mark.parametrize("scan_layers, beams", [(False, 1), (True, 3)])
+def test_cached_steps_equal_teacher_forced_logits(setup, scan_layers, beams):
+    """Step by step through the cache (cross-attention keys/values projected once, `beams`
+    decoder rows per encoder row) gives the full decoder's teacher-forced logits."""
+    params, encoder, encoded = setup
+    encoder, encoded = encoder[:4], encoded[:4]
+    cfg = CFG.replace(scan_layers=scan_layers)
+    step_params = stack_layers(params) if scan_layers else params
+    rows = encoder.shape[0] * beams
+    inputs = np.random.RandomState(1).randint(2, CFG.vocab_size, (rows, MAX_LENGTH))
+    inputs[:, 0] = 0
+    cache = jax.jit(init_cache, static_argnums=(0, 3, 4))(
+        cfg, step_params, encoded, MAX_LENGTH, beams
+    )
+    step = jax.jit(_decode_step, static_argnums=(0, 5))
+    steps = []
+    for i in range(MAX_LENGTH):
+        logits, cache = step(
+            cfg, step_params, cache, encoder > 0, jnp.asarray(inputs[:, i : i + 1]), MAX_LENGTH
+        )
+        steps.append(logits)
+    repeated = jnp.repeat(encoder, beams, axis=0)
+    expected = jax.jit(functools.partial(sp.T5(CFG).apply, enable_dropout=False))(
+        {"params": params}, repeated, jnp.asarray(inputs)
+    )
+    np.testing.assert_allclose(jnp.stack(steps, axis=1), expected, rtol=0, atol=1e-5)

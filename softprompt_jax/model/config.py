@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from softprompt_jax.errors import SoftpromptError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+# T5X's einsums, `jax.nn.dot_product_attention` as jax chooses, or forced cuDNN flash attention.
+ATTENTION_IMPLS = ("einsum", "fused", "cudnn")
 # How a run computes, not what the network is: the same weights serve any of these.
 RUN_TIME_FIELDS = frozenset(
     {
@@ -24,6 +26,7 @@ RUN_TIME_FIELDS = frozenset(
         "float32_attention_logits",
         "scan_layers",
         "remat_policy",
+        "attention_impl",
     }
 )
 
@@ -57,6 +60,7 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "einsum"
 
     def __post_init__(self) -> None:
         # gin and JSON hand us lists; the dataclass must stay hashable for jit.
@@ -64,6 +68,10 @@ class T5Config:
         if self.remat_policy not in REMAT_POLICIES:
             raise SoftpromptError(
                 f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise SoftpromptError(
+                f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}"
             )
         for act in self.mlp_activations:
             if act not in ("gelu", "relu", "linear"):

@@ -169,47 +169,65 @@ def segment_bias(query_segments: jax.Array, key_segments: jax.Array, dtype: jnp.
 
 
 class MultiHeadAttention(nn.Module):
-    """T5 attention: no 1/sqrt(d) scaling, additive bias, optional decode cache."""
+    """T5 attention: no 1/sqrt(d) scaling, additive bias, optional decode cache.
+
+    `attention_impl` picks the kernel: "einsum" (T5X's two einsums), "fused"
+    (`jax.nn.dot_product_attention`; jax picks the implementation, XLA in jax 0.10) or
+    "cudnn" (cuDNN flash attention: GPU only, bfloat16/float16, head_dim a multiple of 8
+    and at most 256 on Hopper; jax raises otherwise). Both fused paths compute logits and
+    softmax in float32 whatever `float32_logits` says.
+    """
 
     num_heads: int
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.0
     float32_logits: bool = False
+    attention_impl: str = "einsum"
 
     @nn.compact
     def __call__(
         self,
         inputs_q: jax.Array,
-        inputs_kv: jax.Array,
+        inputs_kv: jax.Array | None,
         bias: jax.Array | None,
         *,
         deterministic: bool,
-        decode: bool = False,
-    ) -> jax.Array:
+        cache: str | None = None,
+        init_cache: bool = False,
+    ) -> jax.Array | None:
+        """Attend from `inputs_q` to `inputs_kv`; `cache` says how a decode step uses the cache.
+
+        `cache="self"` appends this step's key/value to the keys so far; `cache="cross"`
+        reads the keys/values of the encoder output, projected once (`inputs_kv` unused),
+        and serves `k` decoder rows per encoder row (beams, beam index fastest).
+        `init_cache=True` only creates the cache: zeros for `inputs_q.shape[:2]` (rows, max
+        decode length) for "self", the projected `inputs_kv` for "cross"; it returns None.
+        """
         joined = self.num_heads * self.head_dim
         dense = functools.partial(Dense, joined, ("embed", "joined_kv"), self.dtype)
         split = lambda x: x.reshape(x.shape[:2] + (self.num_heads, self.head_dim))
-        query = split(dense(kernel_init=_query_init(self.head_dim), name="query")(inputs_q))
-        key = split(dense(kernel_init=_attention_init, name="key")(inputs_kv))
-        value = split(dense(kernel_init=_attention_init, name="value")(inputs_kv))
         qkv_axes = ("batch", "length", "heads", "kv")
-        query, key, value = (constrain(x, qkv_axes) for x in (query, key, value))
-
-        if decode:
-            key, value, bias = self._update_cache(key, value, bias)
-
-        if self.float32_logits:
-            query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
-        if bias is not None:
-            logits = logits + bias.astype(logits.dtype)
-        weights = jax.nn.softmax(logits).astype(self.dtype)
-        weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
-            weights, deterministic=deterministic
+        project_kv = lambda: tuple(
+            constrain(split(dense(kernel_init=_attention_init, name=name)(inputs_kv)), qkv_axes)
+            for name in ("key", "value")
         )
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        out = out.reshape(out.shape[:2] + (joined,))
+        if init_cache:
+            self._init_cache(cache, inputs_q, project_kv)
+            return None
+        query = constrain(
+            split(dense(kernel_init=_query_init(self.head_dim), name="query")(inputs_q)), qkv_axes
+        )
+        if cache == "cross":
+            key, value = self._cached("cached_key"), self._cached("cached_value")
+            # Rows that share an encoder row (beams) become extra queries of that row.
+            query = query.reshape((key.shape[0], -1) + query.shape[2:])
+        else:
+            key, value = project_kv()
+        if cache == "self":
+            key, value, bias = self._update_cache(key, value, bias)
+        out = self._attend(query, key, value, bias, deterministic)
+        out = out.reshape(inputs_q.shape[:2] + (joined,))
         return Dense(
             inputs_q.shape[-1],
             ("joined_kv", "embed"),
@@ -218,27 +236,68 @@ class MultiHeadAttention(nn.Module):
             name="out",
         )(out)
 
-    def _update_cache(self, key: jax.Array, value: jax.Array, bias: jax.Array | None):
-        """Write this step's key/value into the cache and mask keys not yet decoded.
+    def _attend(self, query, key, value, bias, deterministic: bool) -> jax.Array:
+        """softmax(q k^T + bias) v with T5X's dropout of the weights, shared over queries."""
+        dropout = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))
+        if self.attention_impl == "einsum":
+            if self.float32_logits:
+                query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+            if bias is not None:
+                logits = logits + bias.astype(logits.dtype)
+            weights = jax.nn.softmax(logits).astype(self.dtype)
+            weights = dropout(weights, deterministic=deterministic)
+            return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        if not deterministic and self.dropout_rate > 0:
+            # The weights' dropout mask is shared over queries, so it can scale the values:
+            # the same draw as the einsum path's (same module, same [b, h, 1, k] shape).
+            ones = jnp.ones((key.shape[0], self.num_heads, 1, key.shape[1]), self.dtype)
+            scale = dropout(ones, deterministic=False)
+            value = value * jnp.transpose(scale, (0, 3, 1, 2)).astype(value.dtype)
+        if bias is not None:
+            # cuDNN wants the bias's query and key axes in full.
+            bias = jnp.broadcast_to(bias, bias.shape[:2] + (query.shape[1], key.shape[1])).astype(
+                query.dtype
+            )
+        return jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            bias=bias,
+            scale=1.0,
+            implementation="cudnn" if self.attention_impl == "cudnn" else None,
+        )
 
-        On the first (initialising) call the cache is created at the full decode
-        length from the dummy inputs and attention runs uncached.
-        """
-        initialised = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
-        cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-        if not initialised:
-            return key, value, bias
+    def _cached(self, name: str) -> jax.Array:
+        if not self.has_variable("cache", name):
+            raise ValueError("no decode cache: create it first with T5.init_decode_cache")
+        return self.get_variable("cache", name)
+
+    def _init_cache(self, cache: str | None, inputs_q: jax.Array, project_kv) -> None:
+        if cache == "cross":
+            key, value = project_kv()
+        elif cache == "self":
+            shape = inputs_q.shape[:2] + (self.num_heads, self.head_dim)
+            key = value = jnp.zeros(shape, self.dtype)
+            self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        else:
+            raise ValueError(f"init_cache needs cache='self' or 'cross', got {cache!r}")
+        self.variable("cache", "cached_key", lambda: key)
+        self.variable("cache", "cached_value", lambda: value)
+
+    def _update_cache(self, key: jax.Array, value: jax.Array, bias: jax.Array | None):
+        """Write this step's key/value into the cache and mask keys not yet decoded."""
+        cached_key, cached_value = self._cached("cached_key"), self._cached("cached_value")
         batch, step_len, heads, head_dim = key.shape
-        max_length = cached_key.value.shape[1]
+        max_length = cached_key.shape[1]
         if step_len != 1:
             raise ValueError(f"cached decoding takes one token per step, got length {step_len}")
-        index = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
-        cached_key.value, cached_value.value = key, value
-        cache_index.value = index + 1
+        index = self.get_variable("cache", "cache_index")
+        key = jax.lax.dynamic_update_slice(cached_key, key, (0, index, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value, value, (0, index, 0, 0))
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
+        self.put_variable("cache", "cache_index", index + 1)
         visible = (jnp.arange(max_length) <= index)[None, None, None, :]
         step_bias = jnp.where(visible, 0.0, MASK_BIAS).astype(self.dtype)
         if bias is not None:
@@ -282,4 +341,5 @@ def attention_block_kwargs(cfg: T5Config) -> dict:
         dtype=cfg.compute_dtype,
         dropout_rate=cfg.dropout_rate,
         float32_logits=cfg.float32_attention_logits,
+        attention_impl=cfg.attention_impl,
     )

@@ -62,26 +62,42 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Self-attention, cross-attention, MLP; `decode` steps one token with the cache."""
+
     config: T5Config
     deterministic: bool = True
     decode: bool = False
+    init_cache: bool = False
     scanned: bool = False
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, self_bias: jax.Array, encoded: jax.Array, cross_bias: jax.Array
+        self,
+        x: jax.Array,
+        self_bias: jax.Array | None,
+        encoded: jax.Array | None,
+        cross_bias: jax.Array | None,
     ):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name=name)
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+        attention = lambda name: MultiHeadAttention(**attention_block_kwargs(cfg), name=name)
+        self_cache, cross_cache = ("self", "cross") if self.decode else (None, None)
+        if self.init_cache:
+            for name, cache, kv in (
+                ("self_attention", "self", None),
+                ("encoder_decoder_attention", "cross", encoded),
+            ):
+                attention(name)(x, kv, None, deterministic=True, cache=cache, init_cache=True)
+            return (x, None) if self.scanned else x
         h = norm("pre_self_attention_layer_norm")(x)
-        h = MultiHeadAttention(**attention_block_kwargs(cfg), name="self_attention")(
-            h, h, self_bias, deterministic=self.deterministic, decode=self.decode
+        h = attention("self_attention")(
+            h, h, self_bias, deterministic=self.deterministic, cache=self_cache
         )
         x = x + dropout(h, deterministic=self.deterministic)
         h = norm("pre_cross_attention_layer_norm")(x)
-        h = MultiHeadAttention(**attention_block_kwargs(cfg), name="encoder_decoder_attention")(
-            h, encoded, cross_bias, deterministic=self.deterministic
+        h = attention("encoder_decoder_attention")(
+            h, encoded, cross_bias, deterministic=self.deterministic, cache=cross_cache
         )
         x = x + dropout(h, deterministic=self.deterministic)
         h = norm("pre_mlp_layer_norm")(x)
@@ -172,7 +188,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Decoder stack and output logits (f32); `decode=True` steps one token with a cache."""
+    """Decoder stack and output logits (f32); `decode=True` steps one token with a cache.
+
+    `init_cache=True` (with `decode`) only creates that cache for `decoder_input_tokens`'s
+    shape `[rows, max_length]`: zeroed self-attention keys/values and the cross-attention
+    keys/values of `encoded`, projected once per batch; it returns None.
+    """
 
     config: T5Config
     shared_embedding: Embed
@@ -180,8 +201,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(
         self,
-        encoded: jax.Array,
-        encoder_mask: jax.Array,
+        encoded: jax.Array | None,
+        encoder_mask: jax.Array | None,
         decoder_input_tokens: jax.Array,
         decoder_target_tokens: jax.Array | None,
         *,
@@ -190,8 +211,15 @@ class Decoder(nn.Module):
         max_decode_length: int | None,
         encoder_segment_ids: jax.Array | None = None,
         decoder_segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        init_cache: bool = False,
+    ) -> jax.Array | None:
         cfg = self.config
+        if init_cache:
+            x = jnp.zeros(decoder_input_tokens.shape + (cfg.emb_dim,), cfg.compute_dtype)
+            encoded = encoded.astype(cfg.compute_dtype)
+            layer_args = dict(config=cfg, decode=True, init_cache=True)
+            _run_layers(DecoderLayer, cfg.num_decoder_layers, x, None, encoded, None, **layer_args)
+            return None
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
         if decode and decoder_segment_ids is not None:
@@ -225,7 +253,7 @@ class Decoder(nn.Module):
             cfg.num_decoder_layers,
             x,
             self_bias,
-            encoded.astype(cfg.compute_dtype),
+            None if encoded is None else encoded.astype(cfg.compute_dtype),
             cross_bias,
             config=cfg,
             deterministic=deterministic,
@@ -283,9 +311,30 @@ class T5(nn.Module):
             segment_ids=encoder_segment_ids,
         )
 
+    def init_decode_cache(
+        self, encoded: jax.Array, decoder_rows: int, max_decode_length: int
+    ) -> None:
+        """Create the decode cache (apply with `mutable=["cache"]`) before the first step.
+
+        Each decoder layer keeps the cross-attention keys/values of `encoded`, projected
+        once per batch, and zeroed self-attention keys/values for `decoder_rows` rows (a
+        multiple of the batch: beams, beam index fastest) and `max_decode_length` steps.
+        """
+        tokens = jnp.zeros((decoder_rows, max_decode_length), jnp.int32)
+        self.decoder(
+            encoded,
+            None,
+            tokens,
+            None,
+            enable_dropout=False,
+            decode=True,
+            max_decode_length=max_decode_length,
+            init_cache=True,
+        )
+
     def decode(
         self,
-        encoded: jax.Array,
+        encoded: jax.Array | None,
         encoder_mask: jax.Array,
         decoder_input_tokens: jax.Array,
         decoder_target_tokens: jax.Array | None = None,
@@ -298,6 +347,8 @@ class T5(nn.Module):
     ) -> jax.Array:
         """Decoder logits `[b, l, vocab]` (float32) given the encoder's output and mask.
 
+        With `decode=True` (after `init_decode_cache`) one token steps each row and
+        `encoded` is unused: its projected keys/values are in the cache.
         Packed rows pass both segment ids: decoder self-attention stays causal within a
         segment and cross-attention reaches only the encoder rows of the same segment.
         """
