@@ -192,7 +192,7 @@ async def run_load(
 
 
 def start_server(
-    fixture: Fixture, workdir: Path, mix_prompts: bool
+    fixture: Fixture, workdir: Path, mix_prompts: bool, batch_sizes: Sequence[int] | None = None
 ) -> tuple[subprocess.Popen, str]:
     """`softprompt-jax serve` on a free port (the real CLI); returns it and its URL."""
     macros = {
@@ -203,6 +203,8 @@ def start_server(
         "SERVE_PORT": "0",
         "SERVE_MIX_PROMPTS": repr(mix_prompts),
     }
+    if batch_sizes:
+        macros["SERVE_BATCH_SIZES"] = repr(list(batch_sizes))
     argv = ["serve", "--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_serve.gin"]
     argv += [f"--gin.{name}={value}" for name, value in macros.items()]
     log = (workdir / f"server_mix_{mix_prompts}.log").open("w")
@@ -224,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=200, help="per client")
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", help="SERVE_BATCH_SIZES (default: the gin file's)"
+    )
     parser.add_argument("--workdir", help="default: a temporary folder")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="serve_load-"))
@@ -234,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     expected = offline_answers(fixture, load, workdir)
     results = {}
     for mix in (True, False):
-        process, url = start_server(fixture, workdir, mix)
+        process, url = start_server(fixture, workdir, mix, args.batch_sizes)
         try:
             results[mix] = asyncio.run(run_load(url, load, expected, args.clients))
         finally:

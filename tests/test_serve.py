@@ -40,11 +40,11 @@ LENGTHS = serve_load.FEATURE_LENGTHS  # inputs 16 (longer ones are cut), targets
 TASK = serve_load.TASK
 PROMPT_LENGTHS = {"a": 3, "b": 4, "c": 5}
 MAX_PROMPT_LENGTH = 6
-SETTINGS = dict(  # 2 batch sizes x 2 input lengths x (greedy + scoring) = 8 programs
+SETTINGS = dict(  # 1 batch size x 2 input lengths x (greedy + scoring) = 4 programs
     feature_lengths=LENGTHS,
     task=TASK,
     dtype="float32",
-    batch_sizes=(2, 8),
+    batch_sizes=(8,),
     input_lengths=(8, 16),
     max_prompts=4,
     max_prompt_length=MAX_PROMPT_LENGTH,
@@ -52,7 +52,7 @@ SETTINGS = dict(  # 2 batch sizes x 2 input lengths x (greedy + scoring) = 8 pro
     max_request_bytes=4096,
     max_wait_ms=20.0,
 )
-PROGRAMS = 8
+PROGRAMS = 4
 INPUTS = ["hello", "abc def", "a much longer input than sixteen bytes", ""]
 NOT_CUT = {"truncated": False, "truncated_inputs": []}
 
