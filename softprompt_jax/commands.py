@@ -31,6 +31,13 @@ from softprompt_jax.model.config import T5Config
 from softprompt_jax.prefixes import check_prefix
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompt_eval import evaluate_ensemble, evaluate_prompt, evaluate_tasks
+from softprompt_jax.t5_prefixes import (
+    check_t5_prefix,
+    is_t5_prefix,
+    is_t5_prefix_file,
+    load_t5_prefix,
+    save_t5_prefix,
+)
 from softprompt_jax.tasks import evaluation as task_evaluation
 from softprompt_jax.tasks.vocab import get_vocabulary
 from softprompt_jax.train.metrics_writer import MetricsWriter
@@ -89,7 +96,7 @@ def evaluate(
     }
     header = {"task": task, "split": split, "checkpoint_path": str(checkpoint_path)}
     if prompts is None:
-        prompt = load_prompt(prompt_file)
+        prompt = _read_prompt(prompt_file)
         cfg, params = _load_model(checkpoint_path, dtype, prompt, prompt_file)
         metrics = evaluate_prompt(
             cfg,
@@ -168,7 +175,7 @@ def infer(
         raise SoftpromptError(f"the output file {path} is a directory")
     storage.check_writable(path.parent)
     lengths = {"inputs": feature_lengths["inputs"], "targets": feature_lengths["targets"]}
-    prompt = load_prompt(prompt_file) if prompts is None else _load_bank(prompts)
+    prompt = _read_prompt(prompt_file) if prompts is None else _load_bank(prompts)
     if input_file is None:
         rows, features = _task_rows(task, split, lengths, max_examples, prompt, vocabulary_path)
     else:
@@ -304,12 +311,26 @@ def export_prompt(
         frozen_params = load_pretrained(frozen, dtype="float32")[1] if frozen else None
         path = Path(official.write_prompt(prompt, output_path, chosen, frozen_params))
     else:
-        path = save_prompt(prompt, output)
+        path = _save_prefix_or_prompt(prompt, output, prefix_info)
     whose = "" if task is None else f"{task} "
     what = "prompt" if prefix_info is None else "prefix"
-    shape = {k: v.shape for k, v in prompt.items()} if prefix_info else tuple(prompt.shape)
+    shape = jax.tree.map(lambda x: tuple(x.shape), prompt) if prefix_info else prompt.shape
     print(f"exported the {whose}{what} of step {chosen} {shape} to {path}")
     return path
+
+
+def _read_prompt(path: str) -> Any:
+    """A prompt or prefix file (`load_prompt`), or a T5 prefix `.npz` (`save_t5_prefix`)."""
+    if str(path).endswith(".npz") and is_t5_prefix_file(path):
+        return load_t5_prefix(path)
+    return load_prompt(path)
+
+
+def _save_prefix_or_prompt(prompt: Any, output: str, prefix_info: dict | None) -> Path:
+    """`save_prompt`, or `save_t5_prefix` for a T5 run's prefix."""
+    if prefix_info is None or prefix_info["family"] != "t5":
+        return save_prompt(prompt, output)
+    return save_t5_prefix(prompt, output, prefix_info["num_kv_heads"], prefix_info["head_dim"])
 
 
 def _export_bank(model_dir: str, output: str, step: str, *, t5x: bool, task: str | None) -> Path:
@@ -397,7 +418,10 @@ def _load_model(
     """
     cfg = read_config(checkpoint_path, dtype)
     if isinstance(prompt, Mapping):  # a prefix (.npz or PEFT prefix dir)
-        check_prefix(cfg, prompt)
+        if is_t5_prefix(prompt):
+            check_t5_prefix(cfg, prompt, str(source))
+        else:
+            check_prefix(cfg, prompt)
     elif isinstance(prompt, PromptBank):
         if prompt.emb_dim != cfg.emb_dim:
             name = prompt.names[0]

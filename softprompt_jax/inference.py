@@ -24,6 +24,7 @@ from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.model.network import T5
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompts import prepend_prompt
+from softprompt_jax.t5_prefixes import is_t5_prefix, t5_prefix_greedy
 
 Batch = Mapping[str, np.ndarray]
 
@@ -76,6 +77,10 @@ def predict_tokens(
         inputs, mask = right_aligned(tokens)
         eos = decoding.EOS_ID
         return lm_generate(cfg, params, inputs, mask, max_length, prompt, prompt_ids, eos)
+    if is_t5_prefix(prompt):
+        if temperature > 0 or num_beams > 1:
+            raise SoftpromptError("T5 with a prefix decodes greedily (no sampling or beams yet)")
+        return t5_prefix_greedy(cfg, params, prompt, tokens, max_length)
     encoded, mask = prompted_encode(cfg, params, prompt, tokens, prompt_ids)
     if num_beams > 1:
         sequences, _ = decoding.beam_search(
@@ -110,10 +115,11 @@ def make_score_fn(
     """The rank-classification `ScoreFn`: summed target log-likelihood per example.
 
     Rows of a batch that share their input (and prompt), as a rank task's candidates do,
-    share one encoder pass (`batching.share_encoder_rows`; T5, not decoder-only models).
+    share one encoder pass (`batching.share_encoder_rows`; T5 with a soft prompt).
     """
     scorer = jax.jit(functools.partial(score_batch, cfg))
-    share = isinstance(cfg, T5Config)  # a decoder-only model has no encoder pass to share
+    # T5 with a soft prompt (array or bank); decoder-only models and prefixes score row by row.
+    share = isinstance(cfg, T5Config) and isinstance(prompt, jax.Array | np.ndarray | PromptBank)
 
     def score_fn(batch: Batch) -> np.ndarray:
         shared = batching.share_encoder_rows(batch) if share else batch

@@ -40,6 +40,7 @@ from softprompt_jax.lm_batches import causal_lm_batch
 from softprompt_jax.model import T5, T5Config
 from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.prompts import packing_features, prepend_prompt, prompted_logits
+from softprompt_jax.t5_prefixes import is_t5_prefix, t5_prefix_logits
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -167,6 +168,8 @@ def prompt_loss(
     """
     if is_decoder_only(cfg):
         return _causal_lm_loss(prompt, cfg, params, batch, loss_config)
+    if is_t5_prefix(prompt):
+        return _t5_prefix_loss(prompt, cfg, params, batch, loss_config)
     packing = packing_features(batch)
     logits = prompted_logits(
         cfg,
@@ -201,6 +204,24 @@ def _causal_lm_loss(
         logits,
         targets,
         weights,
+        z_loss=loss_config.z_loss,
+        label_smoothing=loss_config.label_smoothing,
+        normalization=loss_config.normalization,
+    )
+
+
+def _t5_prefix_loss(
+    prefix: Any, cfg: T5Config, params: Mapping[str, Any], batch: Batch, loss_config: LossConfig
+) -> tuple[jax.Array, Metrics]:
+    """T5's loss with key/value prefixes (`t5_prefixes.py`), unpacked rows, no dropout."""
+    targets = batch["decoder_target_tokens"]
+    logits = t5_prefix_logits(
+        cfg, params, prefix, batch["encoder_input_tokens"], batch["decoder_input_tokens"], targets
+    )
+    return weighted_cross_entropy(
+        logits,
+        targets,
+        loss_weights(batch),
         z_loss=loss_config.z_loss,
         label_smoothing=loss_config.label_smoothing,
         normalization=loss_config.normalization,
@@ -354,6 +375,16 @@ def score_batch(
     if is_decoder_only(cfg):
         ids = {} if prompt_ids is None else {"prompt_ids": prompt_ids}
         return _causal_lm_scores(cfg, params, prompt, {**batch, **ids})
+    if is_t5_prefix(prompt):
+        tokens = batch["encoder_input_tokens"]
+        if "encoder_index" in batch:
+            tokens = jnp.take(tokens, batch["encoder_index"], axis=0)
+        targets = batch["decoder_target_tokens"]
+        logits = t5_prefix_logits(
+            cfg, params, prompt, tokens, batch["decoder_input_tokens"], targets
+        )
+        token_loss, _ = token_cross_entropy(logits, targets)
+        return -jnp.sum(token_loss * loss_weights(batch), axis=-1)
     return _target_scores(
         cfg,
         params,

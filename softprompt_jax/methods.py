@@ -6,14 +6,19 @@ targets only), how to describe the model in one line, and what the trainable par
 method are:
 
 - `"prompt"`: a soft prompt `[P, d]` in front of the input embeddings (`prompts.py`);
-- `"prefix"`: key/value prefixes in every layer's self-attention (`prefixes.py`), through
+- `"prefix"`: key/value prefixes in every layer's self-attention (`prefixes.py` for
+  decoder-only models, `t5_prefixes.py` for T5 in the paper's or PEFT's mode), through
   PEFT's MLP when `projection_dim` is set (Li & Liang's prefix tuning), else plain
   (P-tuning v2).
+
+A prefix run's numpy checkpoints hold one 2-D table per step (`prefix_checkpoint_table`: the
+MLP run once) and `MODEL_DIR/prefix.json` says how it splits into layers and heads.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,19 +27,22 @@ import seqio
 from softprompt_jax import storage
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.decoder_config import is_decoder_only
-from softprompt_jax.model.prefix_layout import split_table
+from softprompt_jax.model.prefix_layout import prefix_table, split_table
 from softprompt_jax.prefixes import init_prefix
+from softprompt_jax.t5_prefixes import MODES, init_t5_prefix
 
 METHODS = ("prompt", "prefix")
-# In a prefix run's MODEL_DIR: what its numpy checkpoints (PEFT's prefix tables) need to be
-# split into per-layer keys and values at export.
 PREFIX_INFO_FILE = "prefix.json"
 
 
-def check_method(method: str, projection_dim: int | None, prompt_per_task: bool) -> None:
-    """Raise SoftpromptError naming METHOD or PREFIX_PROJECTION_DIM when they do not fit."""
+def check_method(
+    method: str, projection_dim: int | None, prompt_per_task: bool, mode: str = "paper"
+) -> None:
+    """Raise SoftpromptError naming METHOD, PREFIX_PROJECTION_DIM or PREFIX_MODE if wrong."""
     if method not in METHODS:
         raise SoftpromptError(f"METHOD must be one of {METHODS}, got {method!r}")
+    if mode not in MODES:
+        raise SoftpromptError(f"PREFIX_MODE must be one of {MODES}, got {mode!r}")
     if method == "prompt" and projection_dim is not None:
         raise SoftpromptError(
             f"PREFIX_PROJECTION_DIM={projection_dim} is for METHOD='prefix'; the prompt has no MLP"
@@ -53,30 +61,46 @@ def feature_converter(cfg: Any) -> seqio.FeatureConverter:
 
 
 def describe(cfg: Any) -> str:
-    """`512d x 8 layers`: the model's width and depth, for progress lines."""
+    """`T5Config 512d x 8 layers`: the model's kind, width and depth, for progress lines."""
     layers = cfg.num_layers if is_decoder_only(cfg) else cfg.num_encoder_layers
     return f"{type(cfg).__name__} {cfg.emb_dim}d x {layers} layers"
 
 
 def init_prefix_params(
-    cfg: Any, length: int, projection_dim: int | None = None, seed: int = 0
+    cfg: Any, length: int, projection_dim: int | None = None, seed: int = 0, mode: str = "paper"
 ) -> dict:
-    """A new prefix of `length` positions for `cfg` (see `prefixes.init_prefix`)."""
-    if not is_decoder_only(cfg):
-        raise SoftpromptError(
-            f"METHOD='prefix' is implemented for decoder-only models; got {type(cfg).__name__}"
-        )
-    return init_prefix(cfg, length, projection_dim, seed)
+    """A new prefix of `length` positions for `cfg`; `mode` (T5 only): 'paper' or 'peft'."""
+    if is_decoder_only(cfg):
+        return init_prefix(cfg, length, projection_dim, seed)
+    return init_t5_prefix(cfg, length, projection_dim, seed, mode)
 
 
-def write_prefix_info(model_dir: str, cfg: Any, projection_dim: int | None) -> None:
+def prefix_checkpoint_table(prefix: Mapping) -> np.ndarray:
+    """The 2-D float32 table a prefix's numpy checkpoint holds (its MLP run once).
+
+    Decoder-only, and T5 in PEFT's mode: PEFT's `[P, num_layers * 2 * kv_dim]`; T5 in the
+    paper's mode: the encoder's table and then the decoder's, side by side.
+    """
+    if "peft" in prefix:
+        part = prefix["peft"]
+        table = part["table"] if set(part) == {"table"} else prefix_table(part)
+    elif "encoder" in prefix:
+        table = np.concatenate([prefix_table(prefix[p]) for p in ("encoder", "decoder")], 1)
+    else:
+        table = prefix_table(prefix)
+    return np.asarray(table, np.float32)
+
+
+def write_prefix_info(model_dir: str, cfg: Any, projection_dim: int | None, mode: str) -> None:
     """Record in `model_dir` how the run's prefix tables split into layers and heads."""
-    info = {
-        "num_layers": cfg.num_layers,
-        "num_kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "projection_dim": projection_dim,
-    }
+    if is_decoder_only(cfg):
+        info = {"family": "decoder_only", "layers": {"decoder": cfg.num_layers}}
+        info |= {"num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim}
+    else:
+        layers = {"encoder": cfg.num_encoder_layers, "decoder": cfg.num_decoder_layers}
+        info = {"family": "t5", "mode": mode, "layers": layers}
+        info |= {"num_kv_heads": cfg.num_heads, "head_dim": cfg.head_dim}
+    info["projection_dim"] = projection_dim
     storage.write_text_atomic(storage.as_path(model_dir) / PREFIX_INFO_FILE, json.dumps(info))
 
 
@@ -86,13 +110,28 @@ def read_prefix_info(model_dir: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def table_to_prefix(table: np.ndarray, info: dict, source: str) -> dict[str, np.ndarray]:
-    """The plain prefix `{"key", "value"}` (numpy) of PEFT's table `[P, layers * 2 * kv_dim]`."""
-    width = info["num_layers"] * 2 * info["num_kv_heads"] * info["head_dim"]
-    if np.ndim(table) != 2 or np.shape(table)[1] != width:
+def table_to_prefix(table: np.ndarray, info: dict, source: str) -> dict:
+    """The plain prefix (numpy) a checkpoint table holds, as `info` says it splits.
+
+    Decoder-only: `{"key", "value"}` `[layers, P, kv_heads, head_dim]`; T5, paper's mode:
+    `{"encoder": {"key", "value"}, "decoder": {...}}`; T5, PEFT's mode: `{"peft": {"table"}}`.
+    """
+    heads, kv_dim = info["num_kv_heads"], info["num_kv_heads"] * info["head_dim"]
+    parts = ("decoder",) if info.get("mode") == "peft" else tuple(info["layers"])
+    if info["family"] == "t5" and info["mode"] == "peft":
+        widths = [info["layers"]["decoder"] * 2 * kv_dim]
+    else:
+        widths = [info["layers"][part] * 2 * kv_dim for part in parts]
+    if np.ndim(table) != 2 or np.shape(table)[1] != sum(widths):
         raise SoftpromptError(
             f"prefix table {source} has shape {tuple(np.shape(table))}; the run's model "
-            f"expects (length, {width})"
+            f"expects (length, {sum(widths)})"
         )
-    plain = split_table(table, info["num_layers"], info["num_kv_heads"])
-    return {name: np.asarray(array, np.float32) for name, array in plain.items()}
+    table = np.asarray(table, np.float32)
+    if info["family"] == "t5" and info["mode"] == "peft":
+        return {"peft": {"table": table}}
+    split = {}
+    for part, start, width in zip(parts, np.cumsum([0, *widths]), widths, strict=False):
+        plain = split_table(table[:, start : start + width], info["layers"][part], heads)
+        split[part] = {name: np.asarray(array, np.float32) for name, array in plain.items()}
+    return split["decoder"] if info["family"] == "decoder_only" else split

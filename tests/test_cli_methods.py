@@ -103,3 +103,42 @@ def test_decoder_only_methods_train_report_and_export(tmp_path, capsys, family, 
     np.testing.assert_allclose(
         metrics["metrics"]["loss_per_token"], record["loss_per_token"], rtol=1e-5
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "projection"), [("paper", 8), ("peft", None)])
+def test_t5_prefix_trains_reports_and_exports(frozen_model, tmp_path, mode, projection):
+    run = tmp_path / "run"
+    macros = {"METHOD": "'prefix'", "PREFIX_PROJECTION_DIM": projection, "PREFIX_MODE": f"'{mode}'"}
+    record = train(frozen_model, "t5_1_1_tiny.gin", run, **macros)
+    assert record["step"] == 3 and np.isfinite(record["loss_per_token"])
+    assert 0.0 <= record["accuracy"] <= 100.0
+    if mode == "peft":  # PEFT's adapter dir: its table, config for Hugging Face T5
+        exported = tmp_path / "peft_prefix"
+        assert cli.main(["export", f"--model_dir={run}", f"--output={exported}"]) == 0
+        config = json.loads((exported / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_2_SEQ_LM" and config["num_transformer_submodules"] == 2
+        return
+    exported = tmp_path / "prefix.npz"
+    assert cli.main(["export", f"--model_dir={run}", f"--output={exported}"]) == 0
+    with np.load(exported, allow_pickle=False) as arrays:  # MLP folded: plain keys and values
+        assert sorted(arrays.files) == [
+            "decoder/key",
+            "decoder/value",
+            "encoder/key",
+            "encoder/value",
+        ]
+        assert arrays["encoder/key"].shape == (1, 3, 2, 8)
+    argv = [
+        "eval",
+        "--gin_file=models/t5_1_1_tiny.gin",
+        "--gin_file=runs/prompt_eval.gin",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{frozen_model}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
+        f"--gin.PROMPT_FILE='{exported}'",
+        f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'",
+        "--gin.EVAL_EXAMPLES=8",
+    ]
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    np.testing.assert_allclose(metrics["loss_per_token"], record["loss_per_token"], rtol=1e-5)

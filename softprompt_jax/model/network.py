@@ -14,6 +14,8 @@ the segment masks are all packing needs (T5X accepts `*_positions` and ignores t
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,12 +46,13 @@ class EncoderLayer(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array):
+    def __call__(self, x: jax.Array, bias: jax.Array, prefix=None):
+        """`prefix`: this layer's `(keys, values)` in front of its self-attention's."""
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="pre_attention_layer_norm")(x)
         h = MultiHeadAttention(**attention_block_kwargs(cfg), name="attention")(
-            h, h, bias, deterministic=self.deterministic
+            h, h, bias, deterministic=self.deterministic, prefix=prefix
         )
         x = x + dropout(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="pre_mlp_layer_norm")(x)
@@ -77,7 +80,9 @@ class DecoderLayer(nn.Module):
         self_bias: jax.Array | None,
         encoded: jax.Array | None,
         cross_bias: jax.Array | None,
+        prefix=None,
     ):
+        """`prefix`: this layer's `(keys, values)` in front of its self-attention's."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name=name)
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -92,7 +97,7 @@ class DecoderLayer(nn.Module):
             return (x, None) if self.scanned else x
         h = norm("pre_self_attention_layer_norm")(x)
         h = attention("self_attention")(
-            h, h, self_bias, deterministic=self.deterministic, cache=self_cache
+            h, h, self_bias, deterministic=self.deterministic, cache=self_cache, prefix=prefix
         )
         x = x + dropout(h, deterministic=self.deterministic)
         h = norm("pre_cross_attention_layer_norm")(x)
@@ -114,10 +119,16 @@ def _run_layers(
     num_layers: int,
     x: jax.Array,
     *broadcast_args: jax.Array,
+    per_layer: Any = None,
     **layer_kwargs,
 ) -> jax.Array:
-    """Apply `num_layers` layers, as `layers_N` modules or one scanned `layers` stack."""
+    """Apply `num_layers` layers, as `layers_N` modules or one scanned `layers` stack.
+
+    `per_layer` (a tree of `[num_layers, ...]` arrays, e.g. key/value prefixes), when given,
+    is passed sliced to each layer after `broadcast_args`.
+    """
     cfg: T5Config = layer_kwargs["config"]
+    extra = () if per_layer is None else (per_layer,)
     if cfg.remat_policy != "none":
         layer_cls = nn.remat(
             layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
@@ -127,15 +138,35 @@ def _run_layers(
             layer_cls,
             variable_axes={"params": 0, "cache": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * len(broadcast_args),
+            in_axes=(nn.broadcast,) * len(broadcast_args) + (0,) * len(extra),
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(scanned=True, name="layers", **layer_kwargs)(x, *broadcast_args)
+        x, _ = stack(scanned=True, name="layers", **layer_kwargs)(x, *broadcast_args, *extra)
         return x
     for i in range(num_layers):
-        x = layer_cls(name=f"layers_{i}", **layer_kwargs)(x, *broadcast_args)
+        layer_extra = jax.tree.map(lambda a, i=i: a[i], extra)
+        x = layer_cls(name=f"layers_{i}", **layer_kwargs)(x, *broadcast_args, *layer_extra)
     return x
+
+
+def _prefix_bias(relpos: nn.Module, length: int, prefix, bidirectional: bool) -> jax.Array:
+    """Relative position bias `[1, heads, length, P + length]` with P prefix keys in front.
+
+    The prefix's keys take positions 0..P-1 and the tokens P.., as Hugging Face T5 places a
+    cache of P entries; without a prefix, the plain `[1, heads, length, length]` table.
+    """
+    virtual = 0 if prefix is None else prefix[0].shape[1]
+    bias = relpos(virtual + length, virtual + length, bidirectional=bidirectional)
+    return bias[:, :, virtual:]
+
+
+def _visible_prefix(bias: jax.Array, prefix) -> jax.Array:
+    """`bias` `[..., q, k]` with zeros for the P always-visible prefix keys put in front."""
+    if prefix is None:
+        return bias
+    zeros = jnp.zeros(bias.shape[:-1] + (prefix[0].shape[1],), bias.dtype)
+    return jnp.concatenate([zeros, bias], axis=-1)
 
 
 class Encoder(nn.Module):
@@ -152,9 +183,11 @@ class Encoder(nn.Module):
         enable_dropout: bool,
         undropped_prefix: int = 0,
         segment_ids: jax.Array | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ):
         """`undropped_prefix` leading positions (a prompt) skip the input dropout;
-        `segment_ids` `[b, l]` keep attention within each packed segment."""
+        `segment_ids` `[b, l]` keep attention within each packed segment; `prefix`
+        `(keys, values)` `[layers, P, heads, head_dim]` go in front of every layer's own."""
         cfg = self.config
         deterministic = not enable_dropout
         length = embeddings.shape[1]
@@ -164,9 +197,12 @@ class Encoder(nn.Module):
             cfg.num_heads,
             cfg.compute_dtype,
             name="relpos_bias",
-        )(length, length, bidirectional=True)
-        bias = relpos + mask_to_bias(mask, cfg.compute_dtype)
+        )
+        bias = _prefix_bias(relpos, length, prefix, bidirectional=True)
+        bias = bias + _visible_prefix(mask_to_bias(mask, cfg.compute_dtype), prefix)
         if segment_ids is not None:
+            if prefix is not None:
+                raise ValueError("key/value prefixes are not supported with packed rows")
             bias = bias + segment_bias(segment_ids, segment_ids, cfg.compute_dtype)
         dropped = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
             embeddings, deterministic=deterministic
@@ -178,7 +214,13 @@ class Encoder(nn.Module):
         x = dropped.astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "length", "embed"))
         x = _run_layers(
-            EncoderLayer, cfg.num_encoder_layers, x, bias, config=cfg, deterministic=deterministic
+            EncoderLayer,
+            cfg.num_encoder_layers,
+            x,
+            bias,
+            per_layer=prefix,
+            config=cfg,
+            deterministic=deterministic,
         )
         x = RMSNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="encoder_norm")(x)
         output_broadcast = (-2,) if cfg.broadcast_encoder_output_dropout else ()
@@ -212,7 +254,10 @@ class Decoder(nn.Module):
         encoder_segment_ids: jax.Array | None = None,
         decoder_segment_ids: jax.Array | None = None,
         init_cache: bool = False,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array | None:
+        """`prefix` `(keys, values)` `[layers, P, heads, head_dim]` go in front of every
+        self-attention's own (not with `decode` or packed rows)."""
         cfg = self.config
         if init_cache:
             x = jnp.zeros(decoder_input_tokens.shape + (cfg.emb_dim,), cfg.compute_dtype)
@@ -224,21 +269,25 @@ class Decoder(nn.Module):
             raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
         if decode and decoder_segment_ids is not None:
             raise ValueError("packed rows (segment ids) cannot be decoded step by step")
+        if prefix is not None and (decode or decoder_segment_ids is not None):
+            raise ValueError("key/value prefixes need teacher forcing on unpacked rows")
         deterministic = not enable_dropout
         length = decoder_input_tokens.shape[1]
         bias_length = max_decode_length if decode and max_decode_length else length
-        self_bias = RelativePositionBiases(
+        relpos = RelativePositionBiases(
             cfg.relative_attention_num_buckets,
             cfg.relative_attention_max_distance,
             cfg.num_heads,
             cfg.compute_dtype,
             name="relpos_bias",
-        )(bias_length, bias_length, bidirectional=False)
+        )
+        self_bias = _prefix_bias(relpos, bias_length, prefix, bidirectional=False)
         if not decode:
             causal = jnp.tril(jnp.ones((length, length), bool))
-            self_bias = self_bias + jnp.where(causal, 0.0, -1e10).astype(cfg.compute_dtype)
+            mask = jnp.where(causal, 0.0, -1e10).astype(cfg.compute_dtype)
             if decoder_target_tokens is not None:
-                self_bias = self_bias + mask_to_bias(decoder_target_tokens > 0, cfg.compute_dtype)
+                mask = mask + mask_to_bias(decoder_target_tokens > 0, cfg.compute_dtype)
+            self_bias = self_bias + _visible_prefix(mask, prefix)
         cross_bias = mask_to_bias(encoder_mask, cfg.compute_dtype)
         if decoder_segment_ids is not None:
             dtype = cfg.compute_dtype
@@ -255,6 +304,7 @@ class Decoder(nn.Module):
             self_bias,
             None if encoded is None else encoded.astype(cfg.compute_dtype),
             cross_bias,
+            per_layer=prefix,
             config=cfg,
             deterministic=deterministic,
             decode=decode,
@@ -293,8 +343,11 @@ class T5(nn.Module):
         encoder_segment_ids: jax.Array | None = None,
         enable_dropout: bool = True,
         undropped_prefix: int = 0,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """Encode token ids (mask = ids > 0), or embeddings with an explicit mask.
+
+        `prefix`: per-layer key/value prefixes `[layers, P, heads, head_dim]` (see `Encoder`).
 
         Input dropout hits every position (as in T5X, prompt included) except the first
         `undropped_prefix` ones. `encoder_segment_ids` `[b, l]` (packed rows) cover the rows
@@ -309,6 +362,7 @@ class T5(nn.Module):
             enable_dropout=enable_dropout,
             undropped_prefix=undropped_prefix,
             segment_ids=encoder_segment_ids,
+            prefix=prefix,
         )
 
     def init_decode_cache(
@@ -344,8 +398,11 @@ class T5(nn.Module):
         enable_dropout: bool = True,
         decode: bool = False,
         max_decode_length: int | None = None,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """Decoder logits `[b, l, vocab]` (float32) given the encoder's output and mask.
+
+        `prefix`: per-layer self-attention key/value prefixes (see `Decoder`).
 
         With `decode=True` (after `init_decode_cache`) one token steps each row and
         `encoded` is unused: its projected keys/values are in the cache.
@@ -362,6 +419,7 @@ class T5(nn.Module):
             max_decode_length=max_decode_length,
             encoder_segment_ids=encoder_segment_ids,
             decoder_segment_ids=decoder_segment_ids,
+            prefix=prefix,
         )
 
     def __call__(

@@ -30,7 +30,8 @@ from orbax.checkpoint import checkpoint_managers
 
 from softprompt_jax import storage
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.model.prefix_layout import is_prefix, prefix_table
+from softprompt_jax.methods import prefix_checkpoint_table
+from softprompt_jax.model.prefix_layout import is_prefix
 from softprompt_jax.partitioning.multihost import sync, to_host
 from softprompt_jax.prompt_bank import PromptBank
 
@@ -199,12 +200,11 @@ class _KeepSteps(checkpoint_managers.PreservationPolicy):
 def _named_prompts(prompt: Any) -> list[tuple[str | None, np.ndarray]]:
     """(task, prompt) for each prompt of a bank; (None, prompt) for a single prompt.
 
-    A prefix is written as PEFT's table `[P, num_layers * 2 * kv_dim]` (its MLP folded;
-    `model/prefix_layout.py`).
+    A prefix is written as one 2-D table, its MLP folded (`methods.prefix_checkpoint_table`).
     """
     if isinstance(prompt, PromptBank):
         return list(zip(prompt.names, prompt.prompts, strict=True))
-    return [(None, np.asarray(prefix_table(prompt)) if is_prefix(prompt) else prompt)]
+    return [(None, prefix_checkpoint_table(prompt) if is_prefix(prompt) else prompt)]
 
 
 def _better(value: float, best: float, mode: str) -> bool:

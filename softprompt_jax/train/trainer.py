@@ -213,13 +213,16 @@ def train(
     prompt_per_task: bool = False,
     method: str = "prompt",
     prefix_projection_dim: int | None = None,
+    prefix_mode: str = "paper",
 ) -> TrainResult:
     """Prompt-tune `task` on the frozen model at `checkpoint_path`; artefacts go to `model_dir`.
 
     `prompt_per_task` (a seqio Mixture as `task`) trains one prompt per task of the mixture
     (see the module doc). `method="prefix"` trains key/value prefixes of `prompt.length`
     positions instead of a prompt (`methods.py`), through an MLP of `prefix_projection_dim`
-    hidden units when set (prefix tuning), else plain (P-tuning v2).
+    hidden units when set (prefix tuning), else plain (P-tuning v2). On T5, `prefix_mode`
+    'paper' prefixes the encoder and decoder self-attention (Li & Liang), 'peft' the decoder's
+    alone, exactly as PEFT's prefix tuning does (`t5_prefixes.py`).
 
     `pack` puts several examples in each of the `batch_size` rows (seqio's packing, each
     example with its own copy of its prompt; `train/data.py`): the loss is that of the same
@@ -243,7 +246,7 @@ def train(
       SoftpromptError naming the step and the last good checkpoint; nothing bad is saved.
     """
     eval_task = evaluation.task or task
-    check_method(method, prefix_projection_dim, prompt_per_task)
+    check_method(method, prefix_projection_dim, prompt_per_task, prefix_mode)
     _check_settings(
         model_dir,
         task,
@@ -283,7 +286,9 @@ def train(
         # A prefix's every leaf trains (prompt_only would freeze leaves not named prompt).
         tx = make_optimizer(optimizer) if method == "prompt" else adafactor(optimizer)
         if method == "prefix":
-            initial = init_prefix_params(cfg, prompt.length, prefix_projection_dim, prompt.seed)
+            initial = init_prefix_params(
+                cfg, prompt.length, prefix_projection_dim, prompt.seed, prefix_mode
+            )
         elif prompt_names:
             initial = make_prompt_bank(prompt, params, prompt_names)
         else:
@@ -293,7 +298,7 @@ def train(
         writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
         writer.console(parameter_summary(params, state.prompt))
         if method == "prefix" and jax.process_index() == 0:
-            write_prefix_info(model_dir, cfg, prefix_projection_dim)
+            write_prefix_info(model_dir, cfg, prefix_projection_dim, prefix_mode)
         checkpointer = TrainCheckpointer(
             model_dir_path,
             keep=checkpointing.keep,

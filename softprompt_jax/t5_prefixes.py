@@ -1,0 +1,295 @@
+"""Key/value prefixes for T5: Li & Liang's encoder and decoder prefixes, or PEFT's.
+
+Two modes, told apart by the prefix tree's top-level key:
+
+- `{"encoder": part, "decoder": part}`, the paper's mode (Li & Liang prefix BART's encoder and
+  decoder): every encoder layer's and every decoder layer's self-attention sees P extra keys
+  and values. Each part is plain, `{"key", "value"}` `[layers, P, heads, head_dim]` (P-tuning
+  v2), or through its own MLP, `{"embedding", "mlp"}` (`model/prefix_layout.py`), whose table
+  splits as a decoder-only prefix's. (Li & Liang's code also prefixes the cross-attention;
+  this does not.)
+- `{"peft": part}`, PEFT's `PrefixTuningConfig` on T5 exactly: one table `[P, num_layers * 2 *
+  d_model]` (plain: `{"table"}`; or through the MLP) viewed as `[P, 2 * num_layers, heads,
+  d_model // heads]`, which PEFT doubles for self- and cross-attention and hands to Hugging
+  Face T5 as the decoder cache, resetting the cross-attention cache. So it reaches only the
+  decoder's self-attention (not the encoder, not the cross-attention), and decoder layer i
+  reads entries `4i mod 2L` (keys) and `4i + 1 mod 2L` (values): with an even number of
+  layers, layers share entries. This differs from the paper's method.
+
+Either way the prefix's keys take positions 0..P-1 and the tokens P.. for T5's relative
+position bias (where Hugging Face puts a cache of P entries), and are always visible.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from softprompt_jax import storage
+from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.model.config import T5Config
+from softprompt_jax.model.network import T5
+from softprompt_jax.model.prefix_layout import prefix_table, split_table
+
+MODES = ("paper", "peft")
+KeyValues = tuple[jax.Array, jax.Array]
+
+
+def is_t5_prefix(prompt: Any) -> bool:
+    """Whether `prompt` is a T5 prefix tree (either mode)."""
+    return isinstance(prompt, Mapping) and set(prompt) in ({"encoder", "decoder"}, {"peft"})
+
+
+def init_t5_prefix(
+    cfg: T5Config,
+    length: int,
+    projection_dim: int | None = None,
+    seed: int = 0,
+    mode: str = "paper",
+) -> dict:
+    """A new float32 T5 prefix of `length` positions; with `projection_dim`, through an MLP.
+
+    Drawn as PEFT draws its `PrefixEncoder`: tables and embeddings N(0, 1), linear layers
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+    if mode not in MODES:
+        raise SoftpromptError(f"PREFIX_MODE must be one of {MODES}, got {mode!r}")
+    if length <= 0:
+        raise SoftpromptError(f"prefix length must be positive, got {length}")
+    if projection_dim is not None and projection_dim <= 0:
+        raise SoftpromptError(f"projection_dim must be positive, got {projection_dim}")
+    rng = np.random.default_rng(seed)
+    width = cfg.num_heads * cfg.head_dim
+    if mode == "peft":
+        _check_peft_shape(cfg)
+        layers = cfg.num_decoder_layers
+        if projection_dim is None:
+            return {"peft": {"table": _normal(rng, (length, layers * 2 * width))}}
+        return {"peft": _mlp_part(rng, length, width, layers * 2 * width, projection_dim)}
+    parts = {}
+    for part, layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        if projection_dim is None:
+            table = _normal(rng, (length, layers * 2 * width))
+            parts[part] = split_table(table, layers, cfg.num_heads)
+        else:
+            parts[part] = _mlp_part(rng, length, width, layers * 2 * width, projection_dim)
+    return parts
+
+
+def t5_key_values(cfg: T5Config, prefix: Mapping) -> dict[str, KeyValues | None]:
+    """`{"encoder": (k, v) or None, "decoder": (k, v)}`, each `[layers, P, heads, head_dim]`."""
+    if not is_t5_prefix(prefix):
+        raise SoftpromptError(
+            f"a T5 prefix has keys ['decoder', 'encoder'] or ['peft']; got {sorted(prefix)}"
+        )
+    cast = lambda kv: tuple(x.astype(cfg.compute_dtype) for x in kv)
+    if "peft" in prefix:
+        part = prefix["peft"]
+        table = part["table"] if set(part) == {"table"} else prefix_table(part)
+        return {"encoder": None, "decoder": cast(peft_decoder_key_values(cfg, table))}
+    out = {}
+    for name, layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        part = prefix[name]
+        plain = (
+            part
+            if set(part) == {"key", "value"}
+            else split_table(prefix_table(part), layers, cfg.num_heads)
+        )
+        out[name] = cast((jnp.asarray(plain["key"]), jnp.asarray(plain["value"])))
+    return out
+
+
+def peft_decoder_key_values(cfg: T5Config, table: jax.Array) -> KeyValues:
+    """Each decoder layer's keys and values as PEFT reads them from its table (module doc)."""
+    layers = cfg.num_decoder_layers
+    rows = jnp.asarray(table).reshape(table.shape[0], 2 * layers, cfg.num_heads, -1)
+    rows = jnp.transpose(rows, (1, 0, 2, 3))  # [2L, P, heads, head_dim]
+    keys = np.array([(4 * i) % (2 * layers) for i in range(layers)])
+    return rows[keys], rows[keys + 1]
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def t5_prefix_logits(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prefix: Mapping,
+    encoder_input_tokens: jax.Array,
+    decoder_input_tokens: jax.Array,
+    decoder_target_tokens: jax.Array | None = None,
+) -> jax.Array:
+    """Teacher-forced float32 logits `[b, target_len, vocab]` of T5 with a prefix."""
+    kv = t5_key_values(cfg, prefix)
+    model = T5(cfg)
+    encoded = model.apply(
+        {"params": params},
+        encoder_input_tokens,
+        enable_dropout=False,
+        prefix=kv["encoder"],
+        method=model.encode,
+    )
+    return model.apply(
+        {"params": params},
+        encoded,
+        encoder_input_tokens > 0,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        enable_dropout=False,
+        prefix=kv["decoder"],
+        method=model.decode,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_length"))
+def t5_prefix_greedy(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prefix: Mapping,
+    encoder_input_tokens: jax.Array,
+    max_length: int,
+) -> jax.Array:
+    """Greedy target ids `[b, max_length]` (EOS kept, zeros after), without a decode cache.
+
+    Each step runs the decoder on everything decoded so far: fine for the short targets of
+    classification tasks, quadratic in `max_length`.
+    """
+    batch = encoder_input_tokens.shape[0]
+    eos = 1
+
+    def step(t, carry):
+        tokens, done = carry
+        inputs = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+        logits = t5_prefix_logits(cfg, params, prefix, encoder_input_tokens, inputs)
+        token = jnp.where(done, 0, jnp.argmax(logits[:, t], axis=-1)).astype(tokens.dtype)
+        return tokens.at[:, t].set(token), done | (token == eos)
+
+    tokens = jnp.zeros((batch, max_length), jnp.int32)
+    tokens, _ = jax.lax.fori_loop(0, max_length, step, (tokens, jnp.zeros((batch,), bool)))
+    return tokens
+
+
+def _check_peft_shape(cfg: T5Config) -> None:
+    if cfg.num_heads * cfg.head_dim != cfg.emb_dim:
+        raise SoftpromptError(
+            f"PREFIX_MODE='peft' needs num_heads * head_dim == emb_dim (PEFT views its table "
+            f"with d_model // num_heads); the model has {cfg.num_heads} * {cfg.head_dim} != "
+            f"{cfg.emb_dim}"
+        )
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape, np.float32))
+
+
+def _mlp_part(
+    rng: np.random.Generator, length: int, width: int, out_dim: int, projection_dim: int
+) -> dict:
+    def linear(fan_in: int, fan_out: int) -> dict[str, jax.Array]:
+        bound = 1.0 / np.sqrt(fan_in)
+        kernel = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
+        bias = rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)
+        return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+
+    return {
+        "embedding": _normal(rng, (length, width)),
+        "mlp": {"wi": linear(width, projection_dim), "wo": linear(projection_dim, out_dim)},
+    }
+
+
+def check_t5_prefix(cfg: T5Config, prefix: Mapping, source: str) -> None:
+    """Raise SoftpromptError naming the file and both shapes when `prefix` does not fit `cfg`."""
+    if not is_t5_prefix(prefix):
+        raise SoftpromptError(
+            f"prefix {source} has keys {sorted(prefix)}; a T5 prefix has ['decoder', 'encoder'] "
+            "or ['peft']"
+        )
+    layers = {"encoder": cfg.num_encoder_layers, "decoder": cfg.num_decoder_layers}
+    for part, kv in t5_key_values(cfg, prefix).items():
+        want = (layers[part], None, cfg.num_heads, cfg.head_dim)
+        if kv is not None and any(w not in (None, g) for w, g in zip(want, kv[0].shape)):
+            shown = tuple("P" if w is None else w for w in want)
+            raise SoftpromptError(
+                f"prefix {source} gives {part} keys of shape {kv[0].shape}; the model expects "
+                f"{shown}"
+            )
+
+
+def save_t5_prefix(prefix: Mapping, path: str | Path, num_heads: int, head_dim: int) -> Path:
+    """Write a plain T5 prefix: `.npz` (arrays by '/'-path) or, in PEFT's mode, a PEFT dir.
+
+    The PEFT dir is PEFT's `PREFIX_TUNING` `SEQ_2_SEQ_LM` adapter (`prompt_embeddings`: the
+    table), which `PeftModel.from_pretrained` loads onto Hugging Face T5.
+    """
+    path = Path(path)
+    arrays = {
+        "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(leaf, np.float32)
+        for keys, leaf in jax.tree_util.tree_flatten_with_path(dict(prefix))[0]
+    }
+    if path.suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.write_bytes_atomic(path, buffer.getvalue())
+        return path
+    if set(arrays) != {"peft/table"}:
+        raise SoftpromptError(
+            f"{path}: PEFT's format holds a PREFIX_MODE='peft' prefix; write this one as .npz"
+        )
+    table = arrays["peft/table"]
+    token_dim = num_heads * head_dim
+    path.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes_atomic(
+        path / "adapter_model.safetensors",
+        safetensors.numpy.save({"prompt_embeddings": table}, metadata={"format": "pt"}),
+    )
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "SEQ_2_SEQ_LM",
+        "num_virtual_tokens": table.shape[0],
+        "token_dim": token_dim,
+        "num_transformer_submodules": 2,
+        "num_attention_heads": num_heads,
+        "num_layers": table.shape[1] // (2 * token_dim),
+        "encoder_hidden_size": token_dim,
+        "prefix_projection": False,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+    }
+    storage.write_text_atomic(path / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def load_t5_prefix(path: str | Path) -> dict:
+    """A T5 prefix `.npz` written by `save_t5_prefix`, as nested numpy arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, EOFError, ValueError) as error:
+        raise SoftpromptError(f"prefix file {path} is not a readable .npz file: {error}") from error
+    prefix: dict = {}
+    for name, array in arrays.items():
+        *parents, leaf = name.split("/")
+        node = prefix
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = np.asarray(array, np.float32)
+    if not is_t5_prefix(prefix):
+        raise SoftpromptError(f"prefix file {path} holds {sorted(arrays)}; not a T5 prefix")
+    return prefix
+
+
+def is_t5_prefix_file(path: str | Path) -> bool:
+    """Whether `path` is a `.npz` written by `save_t5_prefix`."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    with np.load(path, allow_pickle=False) as archive:
+        return any(name.split("/")[0] in ("encoder", "decoder", "peft") for name in archive.files)
