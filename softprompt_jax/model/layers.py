@@ -198,8 +198,12 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool,
         cache: str | None = None,
         init_cache: bool = False,
+        prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array | None:
         """Attend from `inputs_q` to `inputs_kv`; `cache` says how a decode step uses the cache.
+
+        `prefix` `(keys, values)` `[P, heads, head_dim]` go in front of the keys and values
+        (prefix tuning); `bias` then covers `P` more key positions, in front.
 
         `cache="self"` appends this step's key/value to the keys so far; `cache="cross"`
         reads the keys/values of the encoder output, projected once (`inputs_kv` unused),
@@ -229,6 +233,14 @@ class MultiHeadAttention(nn.Module):
             key, value = project_kv()
         if cache == "self":
             key, value, bias = self._update_cache(key, value, bias)
+        if prefix is not None:
+            if cache is not None:
+                raise ValueError("key/value prefixes are not supported with a decode cache")
+            rows = lambda p, x: jnp.broadcast_to(p, (x.shape[0],) + p.shape).astype(x.dtype)
+            key, value = (
+                jnp.concatenate([rows(p, x), x], axis=1)
+                for p, x in zip(prefix, (key, value), strict=True)
+            )
         out = self._attend(query, key, value, bias, deterministic)
         out = out.reshape(inputs_q.shape[:2] + (joined,))
         return Dense(
