@@ -86,8 +86,10 @@ def test_rank_scores_of_t5x_batches_are_hf_target_log_likelihoods(gpt2):
     examples = [{k: np.asarray(v, np.int32) for k, v in ex.items()} for ex in EXAMPLES]
     examples.insert(1, {**examples[0], "targets": np.asarray([9, 1], np.int32)})
     batch, _ = next(evaluation.t5x_batches(examples, LENGTHS, batch_size=4))
-    assert "encoder_index" in batching.share_encoder_rows(batch)  # make_score_fn shares rows
-    scores = inference.make_score_fn(cfg, params, None)(batch)
+    shared = {k: jnp.asarray(v) for k, v in batching.share_encoder_rows(batch).items()}
+    assert "encoder_index" in shared
+    scores = np.asarray(losses.score_batch(cfg, params, None, shared))
+    np.testing.assert_allclose(inference.make_score_fn(cfg, params, None)(batch), scores, rtol=1e-5)
     np.testing.assert_allclose(scores[[0, 2]], expected, rtol=1e-5, atol=1e-5)
     alone = losses.score_batch(cfg, params, None, {k: v[1:2] for k, v in batch.items()})
     np.testing.assert_allclose(scores[1], alone[0], rtol=1e-5)
