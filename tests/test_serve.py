@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -338,22 +339,24 @@ def test_serve_settings_are_checked_before_loading(tmp_path, capsys):
         "--gin_file=runs/prompt_serve.gin",
         f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'absent'}'",
         f"--gin.TASK_FEATURE_LENGTHS={LENGTHS!r}",
+        "--gin.SERVE_PORT=0",
     ]
+    task = f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'"
     cases = [
         ([], "set VOCABULARY_PATH"),
-        (
-            [f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", "--gin.SERVE_INPUT_LENGTHS=[4, 8]"],
-            "must end at",
-        ),
-        (
-            [f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", "--gin.SERVE_BATCH_SIZES=[0]"],
-            "SERVE_BATCH_SIZES",
-        ),
-        ([f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", f"--gin.PROMPTS='{tmp_path}/none'"], "no such"),
+        ([task, "--gin.SERVE_INPUT_LENGTHS=[4, 8]"], "must end at"),
+        ([task, "--gin.SERVE_BATCH_SIZES=[0]"], "SERVE_BATCH_SIZES"),
+        ([task, f"--gin.PROMPTS='{tmp_path}/none'"], "no such"),
     ]
     for flags, message in cases:
         assert cli.main([*base, *flags]) == 2
         assert message in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # named before the model is read
+        port = taken.getsockname()[1]
+        assert cli.main([*base, task, f"--gin.SERVE_PORT={port}"]) == 2
+        assert (
+            f"cannot serve on 127.0.0.1:{port} (SERVE_HOST, SERVE_PORT)" in capsys.readouterr().err
+        )
 
 
 # --- SIGTERM under load (a real `softprompt-jax serve` process) -----------------------------

@@ -36,7 +36,13 @@ from softprompt_jax.train.state_checkpoints import NUMPY_DIR
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> int:
     """Serve `config`'s prompts on `host:port` until SIGTERM/SIGINT; 0 once stopped cleanly."""
-    service = build_service(config)
+    config.shapes()  # the settings, then the port, are checked before the slow start-up
+    sock = bind(host, port)
+    try:
+        service = build_service(config)
+    except BaseException:
+        sock.close()
+        raise
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -48,7 +54,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> int
             f"({service.programs} programs compiled); SIGTERM or Ctrl-C stops",
             flush=True,
         )
-        await run_server(service, host, port, stop, ready)
+        await run_server(service, sock, stop, ready)
 
     asyncio.run(main())
     print("stopped: every request received was answered", flush=True)
@@ -89,20 +95,34 @@ def build_service(config: ServeConfig) -> Service:
     return Service(registry, batcher, parser, metrics, programs, config.max_request_bytes)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to `host:port` (0: a free port), not yet listening: connections are
+    refused until `run_server` accepts them."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        raise SoftpromptError(
+            f"cannot serve on {host}:{port} (SERVE_HOST, SERVE_PORT): {error.strerror or error}"
+        ) from error
+    return sock
+
+
 async def run_server(
     service: Service,
-    host: str,
-    port: int,
+    sock: socket.socket,
     stop: asyncio.Event,
     ready: Callable[[int], None],
 ) -> None:
-    """Serve until `stop` is set, then stop accepting, answer what is in flight and return.
-
-    `ready` gets the bound port (`port=0` picks a free one)."""
+    """Serve on the bound `sock` until `stop` is set, then stop accepting, answer what is in
+    flight and return. `ready` gets the port."""
     service.batcher.start()
     runner = web.AppRunner(make_app(service), access_log=None)
     await runner.setup()
-    sock = socket.create_server((host, port))
     site = web.SockSite(runner, sock)
     await site.start()
     ready(sock.getsockname()[1])
@@ -122,9 +142,11 @@ class ServerThread:
         self._stop: asyncio.Event | None = None
         self.port = 0
 
+        sock = bind(host, port)
+
         async def main() -> None:
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            await run_server(service, host, port, self._stop, self._ready)
+            await run_server(service, sock, self._stop, self._ready)
 
         self._thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
         self._thread.start()
