@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,37 +35,43 @@ def setup():
     return params, prompt, batch
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_fused_logits_and_prompt_gradient_equal_einsum(setup, dropout):
-    """Same logits and prompt gradient; with dropout the same masks (the fused path drops
-    through the values, since T5X's attention dropout is shared over queries)."""
-    params, prompt, batch = setup
-    rng = jax.random.PRNGKey(7)
-    run = dict(enable_dropout=dropout, dropout_rng=rng)
-    logits = {
-        cfg.attention_impl: sp.prompted_logits(
-            cfg,
-            params,
-            prompt,
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            decoder_target_tokens=batch["decoder_target_tokens"],
-            **run,
-        )
-        for cfg in (EINSUM, FUSED)
-    }
-    np.testing.assert_allclose(logits["fused"], logits["einsum"], rtol=0, atol=1e-5)
-    einsum_loss, einsum_grad = sp.prompt_loss_and_grad(EINSUM, params, prompt, batch, **run)
-    fused_loss, fused_grad = sp.prompt_loss_and_grad(FUSED, params, prompt, batch, **run)
-    np.testing.assert_allclose(fused_loss, einsum_loss, rtol=1e-6)
-    np.testing.assert_allclose(
-        fused_grad, einsum_grad, rtol=0, atol=1e-5 * float(jnp.abs(einsum_grad).max())
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def logits(cfg, params, prompt, batch, dropout: bool) -> jax.Array:
+    return sp.prompted_logits(
+        cfg,
+        params,
+        prompt,
+        batch["encoder_input_tokens"],
+        batch["decoder_input_tokens"],
+        decoder_target_tokens=batch["decoder_target_tokens"],
+        enable_dropout=dropout,
+        dropout_rng=jax.random.PRNGKey(7),
     )
-    if dropout:
-        undropped = sp.prompted_logits(
-            FUSED, params, prompt, batch["encoder_input_tokens"], batch["decoder_input_tokens"]
-        )
-        assert np.abs(logits["fused"] - undropped).max() > 1e-2, "dropout should act"
+
+
+def test_fused_logits_and_prompt_gradient_equal_einsum(setup):
+    params, prompt, batch = setup
+    np.testing.assert_allclose(
+        logits(FUSED, params, prompt, batch, False),
+        logits(EINSUM, params, prompt, batch, False),
+        rtol=0,
+        atol=1e-5,
+    )
+    einsum_loss, einsum_grad = sp.prompt_loss_and_grad(EINSUM, params, prompt, batch)
+    fused_loss, fused_grad = sp.prompt_loss_and_grad(FUSED, params, prompt, batch)
+    np.testing.assert_allclose(fused_loss, einsum_loss, rtol=1e-6)
+    tolerance = 1e-5 * float(jnp.abs(einsum_grad).max())
+    np.testing.assert_allclose(fused_grad, einsum_grad, rtol=0, atol=tolerance)
+
+
+def test_fused_attention_dropout_draws_the_einsum_masks(setup):
+    """T5X's attention dropout is shared over queries, so the fused path drops through the
+    values: with the same rng it gives the einsum path's logits."""
+    params, prompt, batch = setup
+    fused = logits(FUSED, params, prompt, batch, True)
+    np.testing.assert_allclose(fused, logits(EINSUM, params, prompt, batch, True), atol=1e-5)
+    undropped = logits(FUSED, params, prompt, batch, False)
+    assert np.abs(fused - undropped).max() > 1e-2, "dropout should act"
 
 
 def test_fused_decoding_equals_einsum(setup):
