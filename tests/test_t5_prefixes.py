@@ -148,34 +148,36 @@ def test_encoder_prefix_is_a_prompts_first_layer_keys_and_values():
     params = sp.init_params(cfg, 0)
     prompt = jax.random.normal(jax.random.PRNGKey(1), (LENGTH, 16))
     tokens = jnp.asarray(make_batch()["encoder_input_tokens"])
-    layer = params["encoder"]["layers_0"]
-    normed = (
-        prompt
-        * jax.lax.rsqrt(jnp.mean(prompt**2, -1, keepdims=True) + cfg.layer_norm_epsilon)
-        * layer["pre_attention_layer_norm"]["scale"]
-    )
-    kv = tuple(
-        (normed @ layer["attention"][name]["kernel"]).reshape(1, LENGTH, 4, 4)
-        for name in ("key", "value")
-    )
     model = T5(cfg)
-    with_prefix = model.apply(
-        {"params": params}, tokens, enable_dropout=False, prefix=kv, method=model.encode
-    )
-    embeddings = model.apply({"params": params}, tokens, method=model.embed)
-    prompted = model.apply(
-        {"params": params},
-        encoder_input_embeddings=jnp.concatenate(
-            [jnp.broadcast_to(prompt, (2, LENGTH, 16)), embeddings], 1
-        ),
-        encoder_mask=jnp.concatenate([jnp.ones((2, LENGTH), bool), tokens > 0], 1),
-        enable_dropout=False,
-        method=model.encode,
-    )
+
+    @jax.jit
+    def encodings(params, prompt):
+        layer = params["encoder"]["layers_0"]
+        scale = layer["pre_attention_layer_norm"]["scale"]
+        normed = prompt * jax.lax.rsqrt(jnp.mean(prompt**2, -1, keepdims=True) + 1e-6) * scale
+        kv = tuple(
+            (normed @ layer["attention"][name]["kernel"]).reshape(1, LENGTH, 4, 4)
+            for name in ("key", "value")
+        )
+        variables = {"params": params}
+        with_prefix = model.apply(
+            variables, tokens, enable_dropout=False, prefix=kv, method=model.encode
+        )
+        embeddings = model.apply(variables, tokens, method=model.embed)
+        prompted = model.apply(
+            variables,
+            encoder_input_embeddings=jnp.concatenate(
+                [jnp.broadcast_to(prompt, (2, LENGTH, 16)), embeddings], 1
+            ),
+            encoder_mask=jnp.concatenate([jnp.ones((2, LENGTH), bool), tokens > 0], 1),
+            enable_dropout=False,
+            method=model.encode,
+        )
+        return with_prefix, prompted[:, LENGTH:]
+
+    with_prefix, prompted = encodings(params, prompt)
     real = np.asarray(tokens > 0)
-    np.testing.assert_allclose(
-        np.asarray(with_prefix)[real], np.asarray(prompted[:, LENGTH:])[real], atol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(with_prefix)[real], np.asarray(prompted)[real], atol=1e-5)
 
 
 def test_peft_mode_saves_what_peft_loads(hf_t5, tmp_path):
