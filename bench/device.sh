@@ -8,6 +8,7 @@
 # 460 s), and every measurement inside under a soft one, so a slow size cannot eat the budget.
 # Results land in OUTPUT_DIR as they are measured: results.jsonl (one JSON line per
 # measurement and implementation, flushed at once), log.txt, and table.md at the end.
+# ATTENTION_IMPL=cudnn (or fused) picks our attention path (T5Config.attention_impl).
 set -uo pipefail
 
 out="${1:-${OUT:-bench-results}}"
@@ -32,7 +33,8 @@ run() {
   ((limit > left)) && limit="$left"
   echo "== $size: at most $limit s ($((budget - SECONDS)) s of the budget left)" | tee -a "$out/log.txt"
   timeout -k 10 "$limit" "$python" bench/vs_peft.py --mode gpu --sizes "$size" \
-    --limit-s $((limit * 2 / 5)) --rounds 5 --out "$results" "$@" >>"$out/log.txt" 2>&1
+    --limit-s $((limit * 2 / 5)) --rounds 5 --attention-impl "${ATTENTION_IMPL:-einsum}" \
+    --out "$results" "$@" >>"$out/log.txt" 2>&1
   status=$?
   if ((status == 124 || status == 137)); then
     printf '{"size": "%s", "measure": "all", "error": "killed at the %s s limit"}\n' \

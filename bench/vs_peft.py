@@ -13,7 +13,8 @@ candidate scores) that says so. Measurements, per size:
   with `prompt_ids`, PEFT four sub-batches with adapter switches (as its users must, see
   `shared/anchors/peft_infer_anchor.py`).
 - `score`: rank classification, `--candidates` candidates per input, summed log-likelihood
-  (ours: `losses.score_batch`; PEFT: forward on every (input, candidate) row).
+  (ours: `losses.score_candidates`, one encoder pass per input; PEFT: a forward pass on every
+  (input, candidate) row, as its users score).
 
 Timing: a warm-up call per implementation (its time is `compile_s`), then rounds interleaved
 (ours, PEFT, PEFT compiled, ours, ...) until `--rounds` or 70% of `--limit-s`; medians reported.
@@ -48,7 +49,7 @@ import numpy as np
 
 from softprompt_jax.checkpoints.huggingface import hf_tensors_from_params
 from softprompt_jax.inference import predict_tokens
-from softprompt_jax.losses import LossConfig, score_batch
+from softprompt_jax.losses import LossConfig, score_candidates
 from softprompt_jax.model import T5Config, cast_params, get_config, init_params
 from softprompt_jax.model.scan import stack_layers
 from softprompt_jax.train.optimizer import make_optimizer
@@ -101,6 +102,9 @@ def forward_flops(cfg: T5Config, enc_len: int, dec_len: int) -> float:
     2 * (8 d*inner + 3 d*f) in the decoder (self and cross attention), plus the attention
     products 4 * len * inner; then the logits, 2 * d * vocab per target token. A prompt-tuning
     train step is counted as twice this (forward + input-gradient backward, no weight grads).
+    Like the anchor, it counts the cross-attention key/value projections per decoder token, not
+    per encoder token, so it undercounts (XLA's cost analysis of our step at the CPU protocol's
+    base shapes: 1.16x this), and MFU is a lower bound comparable with the anchors'.
     """
     d, f, inner = cfg.emb_dim, cfg.mlp_dim, cfg.num_heads * cfg.head_dim
     enc = cfg.num_encoder_layers * enc_len * (2 * (4 * d * inner + 3 * d * f) + 4 * enc_len * inner)
@@ -161,7 +165,10 @@ class Bench:
         self.size, self.protocol, self.args = size, protocol, args
         name = f"t5_1_1_{size}"
         base_cfg = get_config(name).replace(dtype=protocol.dtype)
-        self.cfg = base_cfg.replace(**protocol.overrides.get(size, {}))
+        overrides = protocol.overrides.get(size, {})
+        self.cfg = base_cfg.replace(**overrides, attention_impl=args.attention_impl)
+        if args.one_core:
+            torch.set_num_threads(1)
         self.on_gpu = jax.default_backend() == "gpu"
         self.torch_device = torch.device("cuda" if self.on_gpu else "cpu")
         self.torch_dtype = getattr(torch, protocol.dtype)
@@ -319,16 +326,14 @@ class Bench:
         lengths = rng.integers(1, p.targets, p.batch * count)  # label words, then EOS
         candidates[np.arange(len(lengths)), lengths] = 1
         candidates[np.arange(p.targets)[None, :] > lengths[:, None]] = 0
-        inputs = np.repeat(self.inputs, count, axis=0)
-        batch = {
-            "encoder_input_tokens": jnp.asarray(inputs),
-            "decoder_input_tokens": jnp.asarray(shift_right(candidates)),
-            "decoder_target_tokens": jnp.asarray(candidates),
-        }
-        prompt = jnp.asarray(self.prompts[0])
+        prompt, tokens = jnp.asarray(self.prompts[0]), jnp.asarray(self.inputs)
+        per_input = jnp.asarray(candidates.reshape(p.batch, count, p.targets))
 
         def ours() -> np.ndarray:
-            return np.asarray(score_batch(self.cfg, self.params, prompt, batch))
+            scores = score_candidates(self.cfg, self.params, prompt, tokens, per_input)
+            return np.asarray(scores).reshape(-1)
+
+        inputs = np.repeat(self.inputs, count, axis=0)
 
         ids = self.torch_ints(inputs)
         decoder_ids = self.torch_ints(shift_right(candidates))
@@ -401,6 +406,8 @@ class Bench:
         records[OURS]["config"] = {
             "scan_layers": self.cfg.scan_layers,
             "remat_policy": self.cfg.remat_policy,
+            "attention_impl": self.cfg.attention_impl,
+            "one_core": self.args.one_core,
         }
         records[OURS]["vs_peft"] = round(records[OURS]["ex_per_s"] / records[PEFT]["ex_per_s"], 3)
         if PEFT_COMPILE in records:
@@ -582,7 +589,7 @@ def table(records: list[dict]) -> str:
         lines.append("")
         lines.append(
             f"Measured {m['date']} on {m['device']} ({m['backend']}; {m['cpu']}, "
-            f"{m['cpu_count']} cores), "
+            f"{m['cpu_count']} cores{', pinned to one' if m.get('one_core') else ''}), "
             + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
             + "."
         )
@@ -616,7 +623,8 @@ def run(args: argparse.Namespace) -> int:
         records.append(entry)
         emit(entry, out)
 
-    record({**machine(), "mode": args.mode, **dataclasses.asdict(protocol), "sizes": args.sizes})
+    settings = {"mode": args.mode, "one_core": args.one_core, "attention_impl": args.attention_impl}
+    record({**machine(), **settings, **dataclasses.asdict(protocol), "sizes": args.sizes})
     for size in args.sizes or protocol.sizes:
         try:
             with time_limit(args.limit_s):
@@ -659,6 +667,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-s", type=float, default=300, help="seconds per measurement")
     parser.add_argument("--peft-compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--candidates", type=int, default=3, help="per input, for scoring")
+    parser.add_argument(
+        "--attention-impl", default="einsum", help="ours: einsum, fused or cudnn (T5Config)"
+    )
+    parser.add_argument(
+        "--one-core", action="store_true", help="pin to one CPU core: kernels, not scaling"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU off GPU")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--table", default=None, help="print the table of a JSON lines file")
@@ -671,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Before JAX starts its GPU client: allocate on demand, so torch can share the GPU.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if args.one_core:  # before XLA and torch start their threads, which inherit it
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     args.sizes = args.sizes or list(MODES[args.mode].sizes)
     return run(args)
 
