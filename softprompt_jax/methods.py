@@ -53,6 +53,14 @@ def check_method(
         raise SoftpromptError("PROMPT_PER_TASK needs METHOD='prompt': a prefix is one per run")
 
 
+def check_packing(cfg: Any, pack: bool) -> None:
+    """Refuse PACK=True on a decoder-only model: packing is implemented for T5 rows."""
+    if pack and is_decoder_only(cfg):
+        raise SoftpromptError(
+            f"PACK=True packs T5 rows only; the model is a {type(cfg).__name__}: set PACK=False"
+        )
+
+
 def feature_converter(cfg: Any) -> seqio.FeatureConverter:
     """seqio's converter for the model: encoder-decoder (T5) or prefix-LM (decoder-only)."""
     if is_decoder_only(cfg):

@@ -39,9 +39,8 @@ def save_tiny(family: str, path: Path) -> Path:
     return path
 
 
-def train(model: Path, model_file: str, run: Path, **macros) -> dict:
-    """Three steps and an evaluation on 8 examples; the last eval record of metrics.jsonl."""
-    argv = [
+def train_argv(model: Path, model_file: str, run: Path, **macros) -> list[str]:
+    return [
         "train",
         f"--gin_file=models/{model_file}",
         "--gin_file=runs/prompt_finetune.gin",
@@ -53,13 +52,25 @@ def train(model: Path, model_file: str, run: Path, **macros) -> dict:
         "--gin.TRAIN_STEPS=3",
         "--gin.BATCH_SIZE=4",
         "--gin.EVAL_PERIOD=3",
-        "--gin.EVAL_EXAMPLES=8",
+        "--gin.EVAL_EXAMPLES=4",
         "--gin.ACTIVATION_DTYPE='float32'",
         *[f"--gin.{name}={value}" for name, value in macros.items()],
     ]
-    assert cli.main(argv) == 0
+
+
+def train(model: Path, model_file: str, run: Path, **macros) -> dict:
+    """Three steps and an evaluation on 4 examples; the last eval record of metrics.jsonl."""
+    assert cli.main(train_argv(model, model_file, run, **macros)) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["kind"] == "eval"][-1]
+
+
+def test_packing_is_refused_on_decoder_only_models(tmp_path, capsys):
+    model = save_tiny("gpt2", tmp_path / "gpt2")
+    argv = train_argv(model, "gpt2.gin", tmp_path / "run", PACK=True)
+    assert cli.main(argv) == 2
+    assert "PACK=True packs T5 rows only; the model is a GPT2Config" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -94,7 +105,8 @@ def test_decoder_only_methods_train_report_and_export(tmp_path, capsys, family, 
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
         f"--gin.PROMPT_FILE='{exported}'",
         f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'",
-        "--gin.EVAL_EXAMPLES=8",
+        "--gin.EVAL_EXAMPLES=4",
+        "--gin.BATCH_SIZE=4",
         "--gin.ACTIVATION_DTYPE='float32'",
     ]
     assert cli.main(argv) == 0
@@ -137,7 +149,8 @@ def test_t5_prefix_trains_reports_and_exports(frozen_model, tmp_path, mode, proj
         f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'",
         f"--gin.PROMPT_FILE='{exported}'",
         f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'",
-        "--gin.EVAL_EXAMPLES=8",
+        "--gin.EVAL_EXAMPLES=4",
+        "--gin.BATCH_SIZE=4",
     ]
     assert cli.main(argv) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]

@@ -31,6 +31,7 @@ from softprompt_jax.errors import SoftpromptError, TrainingInterrupted
 from softprompt_jax.losses import LossConfig
 from softprompt_jax.methods import (
     check_method,
+    check_packing,
     describe,
     feature_converter,
     init_prefix_params,
@@ -268,6 +269,7 @@ def train(
     )
     local_batch = local_batch_size(batch_size, device_mesh)
     cfg = model_config(checkpoint_path, dtype, dropout_rate, model_overrides)
+    check_packing(cfg, pack or evaluation.pack)
     run_info = make_run_info(
         task=task,
         seed=seed,
