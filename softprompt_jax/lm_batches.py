@@ -10,8 +10,9 @@ only tells where the example ends. Labels are the targets, -100 elsewhere.
 
 Evaluation and inference build T5X encoder-decoder batches (`tasks/evaluation.t5x_batches`);
 `from_encoder_decoder` concatenates each row's inputs and targets the same way, so a rank
-task's candidates score `log p(targets | inputs)` as the prefix-LM trains it. Token 0 is
-padding (seqio's convention).
+task's candidates score `log p(targets | inputs)` as the prefix-LM trains it. Rows are
+padded with 0 at the end (seqio's convention); a row's length runs to its last non-zero id,
+so a real token 0 inside it (GPT-2's `!`) stays.
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ def from_encoder_decoder(batch: Batch) -> dict[str, jax.Array]:
         prompt_ids = None if prompt_ids is None else jnp.take(prompt_ids, index, axis=0)
     targets = jnp.asarray(batch["decoder_target_tokens"])
     target_weights = jnp.asarray(batch.get("decoder_loss_weights", targets > 0), jnp.float32)
-    num_inputs = jnp.sum(inputs > 0, axis=-1, keepdims=True)
-    num_targets = jnp.sum(targets > 0, axis=-1, keepdims=True)
+    num_inputs, num_targets = _length(inputs), _length(targets)
     position = jnp.arange(inputs.shape[1] + targets.shape[1])[None]
     in_targets = position - num_inputs
     target_at = jnp.clip(in_targets, 0, targets.shape[1] - 1)
@@ -84,10 +84,18 @@ def right_aligned(tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Right-padded input rows moved to the right (left padding), and their mask, to generate."""
     tokens = jnp.asarray(tokens)
     length = tokens.shape[1]
-    shift = length - jnp.sum(tokens > 0, axis=-1, keepdims=True)
+    shift = length - _length(tokens)
     source = jnp.arange(length)[None] - shift
     aligned = jnp.where(source >= 0, jnp.take_along_axis(tokens, jnp.maximum(source, 0), 1), 0)
     return aligned, (source >= 0).astype(jnp.int32)
+
+
+def _length(tokens: jax.Array) -> jax.Array:
+    """`[batch, 1]`: each right-padded row's length, up to its last non-zero id (id 0 may be a
+    real token inside a row, as GPT-2's `!`)."""
+    nonzero = tokens > 0
+    last = tokens.shape[1] - jnp.argmax(jnp.flip(nonzero, -1), axis=-1)
+    return jnp.where(jnp.any(nonzero, -1), last, 0)[:, None]
 
 
 def _with_prompt_ids(

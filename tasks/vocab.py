@@ -19,9 +19,18 @@ def vocabulary_path(path: str | None = None) -> str:
     return path or os.environ.get(VOCAB_ENV_VAR) or DEFAULT_VOCAB_PATH
 
 
-def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
-    """T5's vocabulary (local or gs:// path); seqio reads the file on first use, not here."""
-    return seqio.SentencePieceVocabulary(vocabulary_path(path), extra_ids=EXTRA_IDS)
+def get_vocabulary(path: str | None = None) -> seqio.Vocabulary:
+    """T5's vocabulary (local or gs:// path); seqio reads the file on first use, not here.
+
+    A Hugging Face `tokenizer.json` (GPT-2, Llama 3, Qwen2) gives a `TokenizerVocabulary`
+    (which needs the `tokenizers` package, imported only then).
+    """
+    path = vocabulary_path(path)
+    if path.endswith("tokenizer.json"):
+        from softprompt_jax.tasks.hf_tokenizer import TokenizerVocabulary
+
+        return TokenizerVocabulary(path)
+    return seqio.SentencePieceVocabulary(path, extra_ids=EXTRA_IDS)
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
