@@ -75,8 +75,8 @@ def predict_tokens(
         if temperature > 0 or num_beams > 1:
             raise SoftpromptError("decoder-only models decode greedily (no sampling or beams yet)")
         inputs, mask = right_aligned(tokens)
-        eos = decoding.EOS_ID
-        return lm_generate(cfg, params, inputs, mask, max_length, prompt, prompt_ids, eos)
+        # No EOS id here (the vocabulary's is not known): texts are cut at it when decoded.
+        return lm_generate(cfg, params, inputs, mask, max_length, prompt, prompt_ids)
     if is_t5_prefix(prompt):
         if temperature > 0 or num_beams > 1:
             raise SoftpromptError("T5 with a prefix decodes greedily (no sampling or beams yet)")
@@ -100,12 +100,16 @@ def predict_tokens(
 
 
 def ids_to_texts(vocabulary, ids: np.ndarray) -> list[str]:
-    """Decode each row up to (not including) EOS with a seqio vocabulary."""
+    """Decode each row up to (not including) the vocabulary's EOS with a seqio vocabulary.
+
+    Ids 0 before EOS go to the vocabulary too: padding to T5's and the byte vocabulary (which
+    decode it to nothing), a real token to some (GPT-2's `!`).
+    """
     texts = []
     for row in np.asarray(ids).tolist():
-        if decoding.EOS_ID in row:
-            row = row[: row.index(decoding.EOS_ID)]
-        texts.append(vocabulary.decode([i for i in row if i != 0]))
+        if vocabulary.eos_id in row:
+            row = row[: row.index(vocabulary.eos_id)]
+        texts.append(vocabulary.decode(row))
     return texts
 
 

@@ -9,7 +9,7 @@ from softprompt_jax.tasks import get_vocabulary
 from softprompt_jax.tasks.hf_tokenizer import TokenizerVocabulary
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from softprompt_jax import lm_batches
+from softprompt_jax import inference, lm_batches
 
 TEXT = "hi! this is a quick test, isn't it?"
 
@@ -60,3 +60,9 @@ def test_a_real_token_0_stays_inside_the_causal_lm_batch(vocabulary):
     aligned, mask = lm_batches.right_aligned(encoder)
     assert np.asarray(aligned)[0].tolist() == [0, 0] + inputs
     assert np.asarray(mask)[0].tolist() == [0, 0] + [1] * len(inputs)
+
+
+def test_decoded_texts_keep_token_0_and_end_at_the_vocabularys_eos(vocabulary):
+    ids = vocabulary.encode(TEXT)
+    row = [*ids, vocabulary.eos_id, *vocabulary.encode("junk")]
+    assert inference.ids_to_texts(vocabulary, np.asarray([row])) == [TEXT]
