@@ -57,9 +57,21 @@ def model_inputs(
         return embeddings, attention_mask, virtual + position_ids, kv, 0
     embeddings, mask = prepend_prompt(prompt, embeddings, attention_mask, prompt_ids)
     virtual = mask.shape[1] - length
-    prompt_positions = jnp.broadcast_to(jnp.arange(virtual), (batch, virtual))
-    positions = jnp.concatenate([prompt_positions, virtual + position_ids], axis=1)
+    prompt_mask = mask[:, :virtual].astype(jnp.int32)
+    prompt_length = jnp.sum(prompt_mask, axis=1, keepdims=True)
+    positions = jnp.concatenate(
+        [prompt_positions(prompt_mask), prompt_length + position_ids], axis=1
+    )
     return embeddings, mask, positions, None, virtual
+
+
+def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
+    """Positions `[batch, P]` of a (left-padded) prompt's rows: its own length counted from 0.
+
+    A bank row shorter than the longest prompt is padded on the left (`PromptBank.padded`),
+    so its rows take positions 0..len-1, as that prompt alone; padding rows take 0.
+    """
+    return jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def _all_logits(

@@ -154,3 +154,26 @@ def test_unsupported_settings_are_named(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SoftpromptError, match=r"config\.json: rope_type='llama3' is not supported"):
         sp.load_pretrained(tmp_path, dtype="float32")
+
+
+def test_each_bank_row_equals_its_prompt_alone_on_gpt2(saved):
+    """Prompts of lengths 2 and 4 in one bank: learned positions count each prompt's own rows."""
+    _, path = saved["gpt2"]
+    cfg, params = sp.load_pretrained(path, dtype="float32")
+    rng = np.random.default_rng(2)
+    prompts = {n: jnp.asarray(rng.normal(size=(n, cfg.emb_dim)), jnp.float32) for n in (2, 4)}
+    bank = sp.PromptBank.from_arrays({str(n): p for n, p in prompts.items()})
+    ids, mask = _batch()
+    for row, n in enumerate((2, 4)):
+        ids_row, mask_row = jnp.asarray(ids[row : row + 1]), jnp.asarray(mask[row : row + 1])
+        prompt_ids = bank.ids([str(n)])
+        _assert_close_logits(
+            sp.lm_logits(cfg, params, ids_row, mask_row, bank, prompt_ids),
+            np.asarray(sp.lm_logits(cfg, params, ids_row, mask_row, prompts[n])),
+        )
+    left_mask = jnp.asarray(np.flip(mask, axis=1).copy())
+    left_ids = jnp.where(left_mask > 0, jnp.asarray(ids), 0)
+    both = sp.lm_generate(cfg, params, left_ids, left_mask, 3, bank, bank.ids(["2", "4"]))
+    for row, n in enumerate((2, 4)):
+        alone = sp.lm_generate(cfg, params, left_ids, left_mask, 3, prompts[n])
+        np.testing.assert_array_equal(np.asarray(both[row]), np.asarray(alone[row]))
