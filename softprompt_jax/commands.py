@@ -26,7 +26,7 @@ from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
 from softprompt_jax.checkpoints.sharded import read_config
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.methods import read_prefix_info, table_to_prefix
+from softprompt_jax.methods import read_model_family, read_prefix_info, table_to_prefix
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.prefixes import check_prefix
 from softprompt_jax.prompt_bank import PromptBank
@@ -299,6 +299,12 @@ def export_prompt(
         raise SoftpromptError("export writes one of --output (a prompt) and --bank (a bank)")
     if bank is not None:
         return _export_bank(model_dir, bank, step, t5x=t5x, task=task)
+    family = read_model_family(model_dir)
+    if t5x and family != "t5":
+        raise SoftpromptError(
+            f"{model_dir} trained a decoder-only model; --t5x writes T5's layout: export to "
+            ".npy or a PEFT directory"
+        )
     chosen, prompt = read_run_prompt(model_dir, step, task)
     prefix_info = read_prefix_info(model_dir)
     if prefix_info is not None:  # a prefix run: its per-layer keys and values, MLP folded
@@ -311,7 +317,7 @@ def export_prompt(
         frozen_params = load_pretrained(frozen, dtype="float32")[1] if frozen else None
         path = Path(official.write_prompt(prompt, output_path, chosen, frozen_params))
     else:
-        path = _save_prefix_or_prompt(prompt, output, prefix_info)
+        path = _save_prefix_or_prompt(prompt, output, prefix_info, family)
     whose = "" if task is None else f"{task} "
     what = "prompt" if prefix_info is None else "prefix"
     shape = jax.tree.map(lambda x: tuple(x.shape), prompt) if prefix_info else prompt.shape
@@ -326,10 +332,11 @@ def _read_prompt(path: str) -> Any:
     return load_prompt(path)
 
 
-def _save_prefix_or_prompt(prompt: Any, output: str, prefix_info: dict | None) -> Path:
-    """`save_prompt`, or `save_t5_prefix` for a T5 run's prefix."""
+def _save_prefix_or_prompt(prompt: Any, output: str, prefix_info: dict | None, family: str) -> Path:
+    """`save_prompt` (PEFT's task type of the run's `family`), or `save_t5_prefix` for T5's."""
     if prefix_info is None or prefix_info["family"] != "t5":
-        return save_prompt(prompt, output)
+        task_type = "CAUSAL_LM" if family == "decoder_only" else "SEQ_2_SEQ_LM"
+        return save_prompt(prompt, output, task_type=task_type)
     return save_t5_prefix(prompt, output, prefix_info["num_kv_heads"], prefix_info["head_dim"])
 
 

@@ -12,7 +12,9 @@ method are:
   (P-tuning v2).
 
 A prefix run's numpy checkpoints hold one 2-D table per step (`prefix_checkpoint_table`: the
-MLP run once) and `MODEL_DIR/prefix.json` says how it splits into layers and heads.
+MLP run once) and `MODEL_DIR/prefix.json` says how it splits into layers and heads. Every run
+records its model family in `MODEL_DIR/model.json` (`write_model_info`), so an export writes
+the family's format (PEFT's CAUSAL_LM or SEQ_2_SEQ_LM, T5X's layout for T5 only).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from softprompt_jax.t5_prefixes import MODES, init_t5_prefix
 
 METHODS = ("prompt", "prefix")
 PREFIX_INFO_FILE = "prefix.json"
+MODEL_INFO_FILE = "model.json"
+FAMILIES = ("t5", "decoder_only")
 
 
 def check_method(
@@ -97,6 +101,32 @@ def prefix_checkpoint_table(prefix: Mapping) -> np.ndarray:
     else:
         table = prefix_table(prefix)
     return np.asarray(table, np.float32)
+
+
+def model_family(cfg: Any) -> str:
+    """`"decoder_only"` (GPT-2, Llama family) or `"t5"`."""
+    return "decoder_only" if is_decoder_only(cfg) else "t5"
+
+
+def write_model_info(model_dir: str, cfg: Any) -> None:
+    """Record in `model_dir` the run's model family and config class, for its exports."""
+    info = {"family": model_family(cfg), "config": type(cfg).__name__}
+    storage.write_text_atomic(storage.as_path(model_dir) / MODEL_INFO_FILE, json.dumps(info))
+
+
+def read_model_family(model_dir: str) -> str:
+    """The family `write_model_info` (or a prefix run's prefix.json) recorded; else T5.
+
+    Runs from before families were recorded trained T5 (the only family then).
+    """
+    for name in (MODEL_INFO_FILE, PREFIX_INFO_FILE):
+        path = storage.as_path(model_dir) / name
+        if path.exists():
+            family = json.loads(path.read_text()).get("family")
+            if family not in FAMILIES:
+                raise SoftpromptError(f"{path}: family {family!r}; expected one of {FAMILIES}")
+            return family
+    return "t5"
 
 
 def write_prefix_info(model_dir: str, cfg: Any, projection_dim: int | None, mode: str) -> None:

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
 
+import softprompt_jax as sp
 from softprompt_jax import cli
 
 TASK = "demo_max"  # offline, byte vocabulary (259 ids)
@@ -73,6 +75,27 @@ def test_packing_is_refused_on_decoder_only_models(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def _check_causal_lm_exports(model: Path, run: Path, tmp_path: Path, capsys) -> None:
+    """A decoder-only prompt run exports a CAUSAL_LM PEFT adapter giving our logits; no --t5x."""
+    adapter = tmp_path / "peft_prompt"
+    assert cli.main(["export", f"--model_dir={run}", f"--output={adapter}"]) == 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    base = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
+    theirs = peft.PeftModel.from_pretrained(base, adapter).eval()
+    ids = np.random.default_rng(0).integers(1, 300, (2, 5))
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        out = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    cfg, params = sp.load_pretrained(model, dtype="float32")
+    ours = sp.lm_logits(cfg, params, ids, mask, sp.load_prompt(adapter))
+    np.testing.assert_allclose(np.asarray(ours), out[:, -5:].numpy(), rtol=0, atol=1e-5)
+    t5x = ["export", f"--model_dir={run}", f"--output={tmp_path / 't5x'}", "--t5x"]
+    capsys.readouterr()
+    assert cli.main(t5x) == 2
+    assert "trained a decoder-only model; --t5x writes T5's layout" in capsys.readouterr().err
+    assert not (tmp_path / "t5x").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "method", "projection"),
@@ -96,6 +119,7 @@ def test_decoder_only_methods_train_report_and_export(tmp_path, capsys, family, 
             assert arrays["key"].shape == arrays["value"].shape == (2, 3, kv_heads, head_dim)
     else:
         assert np.load(exported).shape == (3, 16)
+        _check_causal_lm_exports(model, run, tmp_path, capsys)
 
     argv = [
         "eval",

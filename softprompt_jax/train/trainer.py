@@ -35,6 +35,7 @@ from softprompt_jax.methods import (
     describe,
     feature_converter,
     init_prefix_params,
+    write_model_info,
     write_prefix_info,
 )
 from softprompt_jax.model.config import T5Config
@@ -299,8 +300,10 @@ def train(
         model_dir_path = storage.as_path(model_dir)
         writer = MetricsWriter(model_dir_path, tensorboard=logging.tensorboard)
         writer.console(parameter_summary(params, state.prompt))
-        if method == "prefix" and jax.process_index() == 0:
-            write_prefix_info(model_dir, cfg, prefix_projection_dim, prefix_mode)
+        if jax.process_index() == 0:
+            write_model_info(model_dir, cfg)
+            if method == "prefix":
+                write_prefix_info(model_dir, cfg, prefix_projection_dim, prefix_mode)
         checkpointer = TrainCheckpointer(
             model_dir_path,
             keep=checkpointing.keep,
