@@ -19,6 +19,7 @@ from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.network import T5
 
 EOS_ID = 1
+KeyValues = tuple[jax.Array, jax.Array]
 NEG_INF = -1.0e7  # T5X's finite "minus infinity" for beams and slots that must not win
 
 
@@ -31,7 +32,7 @@ class _LoopState(NamedTuple):
     rng: jax.Array
 
 
-def _decode_step(cfg, params, cache, encoder_mask, token, max_length):
+def _decode_step(cfg, params, cache, encoder_mask, token, max_length, prefix=None):
     logits, variables = T5(cfg).apply(
         {"params": params, "cache": cache},
         None,
@@ -40,6 +41,7 @@ def _decode_step(cfg, params, cache, encoder_mask, token, max_length):
         enable_dropout=False,
         decode=True,
         max_decode_length=max_length,
+        prefix=prefix,
         method=T5.decode,
         mutable=["cache"],
     )
@@ -72,12 +74,14 @@ def decode(
     temperature: float = 0.0,
     top_k: int = 0,
     rng: jax.Array | None = None,
+    prefix: KeyValues | None = None,
 ) -> jax.Array:
     """Decode up to `max_length` tokens per row; returns `[batch, max_length]` int32.
 
     `temperature=0` is greedy (argmax). Otherwise tokens are sampled from
     softmax(logits / temperature), restricted to the `top_k` best when
-    `top_k > 0`. A row stops at EOS (kept); later positions are 0.
+    `top_k > 0`. A row stops at EOS (kept); later positions are 0. `prefix`: the decoder's
+    per-layer self-attention key/value prefixes `[layers, P, heads, head_dim]` (prefix tuning).
     """
     batch = encoded.shape[0]
     if rng is None:
@@ -96,7 +100,7 @@ def decode(
 
     def body(state: _LoopState) -> _LoopState:
         logits, cache = _decode_step(
-            cfg, params, state.cache, encoder_mask, state.token, max_length
+            cfg, params, state.cache, encoder_mask, state.token, max_length, prefix
         )
         rng, sample_rng = jax.random.split(state.rng)
         token = _choose(logits, temperature, top_k, sample_rng)
@@ -146,6 +150,7 @@ def beam_search(
     num_beams: int,
     alpha: float = 0.6,
     num_decodes: int = 1,
+    prefix: KeyValues | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search as T5X's `beam_search`; returns the best `num_decodes` per row, best first.
 
@@ -155,7 +160,7 @@ def beam_search(
     (EOS kept, zeros after). The search stops at `max_length` or once no live beam can beat
     the worst finished one. A row with no finished sequence returns its live beams with raw
     log-probs; slots a row could not fill score `NEG_INF` and hold zeros. Unlike T5X (best
-    last), results are sorted best first.
+    last), results are sorted best first. `prefix`: as `decode`'s (shared by all beams).
     """
     if not 1 <= num_decodes <= num_beams:
         raise ValueError(f"num_decodes must be in [1, num_beams={num_beams}], got {num_decodes}")
@@ -168,7 +173,7 @@ def beam_search(
     def body(state: _BeamState) -> _BeamState:
         tokens = jax.lax.dynamic_index_in_dim(state.live_seqs, state.step, 2, keepdims=False)
         logits, cache = _decode_step(
-            cfg, params, state.cache, encoder_mask, tokens.reshape(-1, 1), max_length
+            cfg, params, state.cache, encoder_mask, tokens.reshape(-1, 1), max_length, prefix
         )
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
         return _beam_step(state, log_probs.reshape(batch, num_beams, -1), cache, alpha, batch_axis)

@@ -24,7 +24,7 @@ from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.model.network import T5
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompts import prepend_prompt
-from softprompt_jax.t5_prefixes import is_t5_prefix, t5_prefix_greedy
+from softprompt_jax.t5_prefixes import is_t5_prefix, t5_prefix_encode
 
 Batch = Mapping[str, np.ndarray]
 
@@ -77,14 +77,21 @@ def predict_tokens(
         inputs, mask = right_aligned(tokens)
         # No EOS id here (the vocabulary's is not known): texts are cut at it when decoded.
         return lm_generate(cfg, params, inputs, mask, max_length, prompt, prompt_ids)
+    decoder_prefix = None
     if is_t5_prefix(prompt):
-        if temperature > 0 or num_beams > 1:
-            raise SoftpromptError("T5 with a prefix decodes greedily (no sampling or beams yet)")
-        return t5_prefix_greedy(cfg, params, prompt, tokens, max_length)
-    encoded, mask = prompted_encode(cfg, params, prompt, tokens, prompt_ids)
+        encoded, mask, decoder_prefix = t5_prefix_encode(cfg, params, prompt, tokens)
+    else:
+        encoded, mask = prompted_encode(cfg, params, prompt, tokens, prompt_ids)
     if num_beams > 1:
         sequences, _ = decoding.beam_search(
-            cfg, params, encoded, mask, max_length=max_length, num_beams=num_beams, alpha=alpha
+            cfg,
+            params,
+            encoded,
+            mask,
+            max_length=max_length,
+            num_beams=num_beams,
+            alpha=alpha,
+            prefix=decoder_prefix,
         )
         return sequences[:, 0]
     return decoding.decode(
@@ -96,6 +103,7 @@ def predict_tokens(
         temperature=temperature,
         top_k=top_k,
         rng=rng,
+        prefix=decoder_prefix,
     )
 
 

@@ -117,6 +117,26 @@ def peft_decoder_key_values(cfg: T5Config, table: jax.Array) -> KeyValues:
     return rows[keys], rows[keys + 1]
 
 
+def t5_prefix_encode(
+    cfg: T5Config, params: Mapping[str, Any], prefix: Mapping, encoder_input_tokens: jax.Array
+) -> tuple[jax.Array, jax.Array, KeyValues]:
+    """The encoder's output (with the encoder prefix, if any), its mask and the decoder's prefix.
+
+    Decode from them with `decoding.decode` or `decoding.beam_search` (`prefix=` the third):
+    the encoder runs once and the decoder steps through its cache, the prefix beside it.
+    """
+    kv = t5_key_values(cfg, prefix)
+    model = T5(cfg)
+    encoded = model.apply(
+        {"params": params},
+        encoder_input_tokens,
+        enable_dropout=False,
+        prefix=kv["encoder"],
+        method=model.encode,
+    )
+    return encoded, encoder_input_tokens > 0, kv["decoder"]
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def t5_prefix_logits(
     cfg: T5Config,
@@ -127,53 +147,18 @@ def t5_prefix_logits(
     decoder_target_tokens: jax.Array | None = None,
 ) -> jax.Array:
     """Teacher-forced float32 logits `[b, target_len, vocab]` of T5 with a prefix."""
-    kv = t5_key_values(cfg, prefix)
+    encoded, mask, decoder_prefix = t5_prefix_encode(cfg, params, prefix, encoder_input_tokens)
     model = T5(cfg)
-    encoded = model.apply(
-        {"params": params},
-        encoder_input_tokens,
-        enable_dropout=False,
-        prefix=kv["encoder"],
-        method=model.encode,
-    )
     return model.apply(
         {"params": params},
         encoded,
-        encoder_input_tokens > 0,
+        mask,
         decoder_input_tokens,
         decoder_target_tokens,
         enable_dropout=False,
-        prefix=kv["decoder"],
+        prefix=decoder_prefix,
         method=model.decode,
     )
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_length"))
-def t5_prefix_greedy(
-    cfg: T5Config,
-    params: Mapping[str, Any],
-    prefix: Mapping,
-    encoder_input_tokens: jax.Array,
-    max_length: int,
-) -> jax.Array:
-    """Greedy target ids `[b, max_length]` (EOS kept, zeros after), without a decode cache.
-
-    Each step runs the decoder on everything decoded so far: fine for the short targets of
-    classification tasks, quadratic in `max_length`.
-    """
-    batch = encoder_input_tokens.shape[0]
-    eos = 1
-
-    def step(t, carry):
-        tokens, done = carry
-        inputs = jnp.pad(tokens[:, :-1], ((0, 0), (1, 0)))
-        logits = t5_prefix_logits(cfg, params, prefix, encoder_input_tokens, inputs)
-        token = jnp.where(done, 0, jnp.argmax(logits[:, t], axis=-1)).astype(tokens.dtype)
-        return tokens.at[:, t].set(token), done | (token == eos)
-
-    tokens = jnp.zeros((batch, max_length), jnp.int32)
-    tokens, _ = jax.lax.fori_loop(0, max_length, step, (tokens, jnp.zeros((batch,), bool)))
-    return tokens
 
 
 def _check_peft_shape(cfg: T5Config) -> None:

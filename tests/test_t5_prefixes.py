@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +13,17 @@ import torch
 import transformers
 
 import softprompt_jax as sp
+from softprompt_jax import decoding
 from softprompt_jax.checkpoints.huggingface import config_from_hf, params_from_hf_state_dict
+from softprompt_jax.inference import predict_tokens
 from softprompt_jax.model.network import T5
-from softprompt_jax.t5_prefixes import init_t5_prefix, save_t5_prefix, t5_key_values
+from softprompt_jax.t5_prefixes import (
+    init_t5_prefix,
+    save_t5_prefix,
+    t5_key_values,
+    t5_prefix_encode,
+    t5_prefix_logits,
+)
 
 LENGTH = 3
 VOCAB = 50
@@ -200,3 +210,40 @@ def test_peft_mode_saves_what_peft_loads(hf_t5, tmp_path):
         cfg, params, prefix, {k: jnp.asarray(v) for k, v in batch.items()}
     )
     assert relative_error(ours, theirs) < 1e-5
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def cached_step_logits(cfg, params, prefix, tokens, decoder_inputs):
+    """Logits of stepping the decode cache through `decoder_inputs`, the encoder run once."""
+    encoded, mask, decoder_prefix = t5_prefix_encode(cfg, params, prefix, tokens)
+    length = decoder_inputs.shape[1]
+
+    def step(cache, token):
+        logits, cache = decoding._decode_step(
+            cfg, params, cache, mask, token[:, None], length, decoder_prefix
+        )
+        return cache, logits
+
+    _, logits = jax.lax.scan(
+        step, decoding.init_cache(cfg, params, encoded, length), decoder_inputs.T
+    )
+    return jnp.transpose(logits, (1, 0, 2))
+
+
+@pytest.mark.parametrize("mode", ["paper", "peft"])
+def test_cached_prefix_decoding_equals_teacher_forcing(hf_t5, mode):
+    """The decode cache with the prefix beside it gives the teacher-forced logits, step by step;
+    greedy decoding (eval, infer) picks each step's teacher-forced argmax."""
+    _, cfg, params = hf_t5
+    prefix = init_t5_prefix(cfg, LENGTH, seed=5, mode=mode)
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+    tokens, inputs = batch["encoder_input_tokens"], batch["decoder_input_tokens"]
+    expected = t5_prefix_logits(cfg, params, prefix, tokens, inputs)
+    cached = cached_step_logits(cfg, params, prefix, tokens, inputs)
+    np.testing.assert_allclose(np.asarray(cached), np.asarray(expected), atol=1e-4, rtol=1e-4)
+
+    ids = np.asarray(predict_tokens(cfg, params, prefix, tokens, max_length=4))
+    shifted = jnp.pad(jnp.asarray(ids), ((0, 0), (1, 0)))[:, :-1]
+    forced = np.argmax(t5_prefix_logits(cfg, params, prefix, tokens, shifted), -1)
+    ended = np.cumsum(ids == decoding.EOS_ID, 1) - (ids == decoding.EOS_ID) > 0
+    np.testing.assert_array_equal(ids, np.where(ended, 0, forced))

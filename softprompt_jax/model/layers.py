@@ -203,7 +203,8 @@ class MultiHeadAttention(nn.Module):
         """Attend from `inputs_q` to `inputs_kv`; `cache` says how a decode step uses the cache.
 
         `prefix` `(keys, values)` `[P, heads, head_dim]` go in front of the keys and values
-        (prefix tuning); `bias` then covers `P` more key positions, in front.
+        (prefix tuning); `bias` then covers `P` more key positions, in front. With
+        `cache="self"` they stay beside the cache, always visible to every step.
 
         `cache="self"` appends this step's key/value to the keys so far; `cache="cross"`
         reads the keys/values of the encoder output, projected once (`inputs_kv` unused),
@@ -232,10 +233,11 @@ class MultiHeadAttention(nn.Module):
         else:
             key, value = project_kv()
         if cache == "self":
-            key, value, bias = self._update_cache(key, value, bias)
+            virtual = 0 if prefix is None else prefix[0].shape[0]
+            key, value, bias = self._update_cache(key, value, bias, virtual)
         if prefix is not None:
-            if cache is not None:
-                raise ValueError("key/value prefixes are not supported with a decode cache")
+            if cache == "cross":
+                raise ValueError("key/value prefixes go in self-attention, not cross-attention")
             rows = lambda p, x: jnp.broadcast_to(p, (x.shape[0],) + p.shape).astype(x.dtype)
             key, value = (
                 jnp.concatenate([rows(p, x), x], axis=1)
@@ -300,8 +302,13 @@ class MultiHeadAttention(nn.Module):
         self.variable("cache", "cached_key", lambda: key)
         self.variable("cache", "cached_value", lambda: value)
 
-    def _update_cache(self, key: jax.Array, value: jax.Array, bias: jax.Array | None):
-        """Write this step's key/value into the cache and mask keys not yet decoded."""
+    def _update_cache(
+        self, key: jax.Array, value: jax.Array, bias: jax.Array | None, virtual: int = 0
+    ):
+        """Write this step's key/value into the cache and mask keys not yet decoded.
+
+        The step's bias covers `virtual` always-visible prefix keys in front of the cache.
+        """
         cached_key, cached_value = self._cached("cached_key"), self._cached("cached_value")
         batch, step_len, heads, head_dim = key.shape
         max_length = cached_key.shape[1]
@@ -313,10 +320,11 @@ class MultiHeadAttention(nn.Module):
         self.put_variable("cache", "cached_key", key)
         self.put_variable("cache", "cached_value", value)
         self.put_variable("cache", "cache_index", index + 1)
-        visible = (jnp.arange(max_length) <= index)[None, None, None, :]
+        positions = jnp.arange(virtual + max_length) - virtual
+        visible = (positions <= index)[None, None, None, :]
         step_bias = jnp.where(visible, 0.0, MASK_BIAS).astype(self.dtype)
         if bias is not None:
-            # `bias` is the full `[1, heads, max_len, max_len]` relpos table: take row `index`.
+            # `bias` is the full `[1, heads, max_len, virtual + max_len]` relpos table: row `index`.
             row = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
             step_bias = step_bias + row.astype(self.dtype)
         return key, value, step_bias

@@ -257,7 +257,7 @@ class Decoder(nn.Module):
         prefix: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array | None:
         """`prefix` `(keys, values)` `[layers, P, heads, head_dim]` go in front of every
-        self-attention's own (not with `decode` or packed rows)."""
+        self-attention's own (teacher-forced or with `decode`; not with packed rows)."""
         cfg = self.config
         if init_cache:
             x = jnp.zeros(decoder_input_tokens.shape + (cfg.emb_dim,), cfg.compute_dtype)
@@ -269,8 +269,8 @@ class Decoder(nn.Module):
             raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
         if decode and decoder_segment_ids is not None:
             raise ValueError("packed rows (segment ids) cannot be decoded step by step")
-        if prefix is not None and (decode or decoder_segment_ids is not None):
-            raise ValueError("key/value prefixes need teacher forcing on unpacked rows")
+        if prefix is not None and decoder_segment_ids is not None:
+            raise ValueError("key/value prefixes are not supported with packed rows")
         deterministic = not enable_dropout
         length = decoder_input_tokens.shape[1]
         bias_length = max_decode_length if decode and max_decode_length else length
