@@ -62,6 +62,16 @@ def test_logits_equal_transformers(saved, family):
     _assert_close_logits(sp.lm_logits(cfg, params, ids, mask), _hf_logits(model, ids, mask))
 
 
+def test_llama3_rope_scaling_equals_transformers(tmp_path):
+    """Llama 3.x's `rope_type='llama3'`: the scaled frequencies give transformers' logits."""
+    model = save_tiny("llama3", tmp_path)
+    cfg, params = sp.load_pretrained(tmp_path, dtype="float32")
+    assert (cfg.rope_scaling_factor, cfg.rope_original_max_positions) == (8.0, 32)
+    ids, mask = _batch()
+    logits = sp.lm_logits(cfg, params, jnp.asarray(ids), jnp.asarray(mask))
+    _assert_close_logits(logits, _hf_logits(model, ids, mask))
+
+
 def test_config_fields_read_from_config_json(saved):
     llama, _ = sp.load_pretrained(saved["llama"][1], dtype="float32")
     assert (llama.num_heads, llama.num_kv_heads, llama.head_dim, llama.rope_theta) == (4, 2, 8, 500)
@@ -148,11 +158,11 @@ def test_cached_generation_equals_uncached_and_transformers(saved, family):
 def test_unsupported_settings_are_named(saved, tmp_path):
     _, path = saved["llama"]
     config = json.loads((path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 8.0}
     for file in path.iterdir():
         (tmp_path / file.name).write_bytes(file.read_bytes())
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SoftpromptError, match=r"config\.json: rope_type='llama3' is not supported"):
+    with pytest.raises(SoftpromptError, match=r"config\.json: rope_type='yarn' is not supported"):
         sp.load_pretrained(tmp_path, dtype="float32")
 
 

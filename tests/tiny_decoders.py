@@ -11,7 +11,8 @@ VOCAB = 64
 
 
 def hf_config(family: str) -> transformers.PretrainedConfig:
-    """GPT-2, Llama (grouped-query, head_dim != hidden / heads), Qwen2 (biases, tied), Mistral."""
+    """GPT-2, Llama (grouped-query, head_dim != hidden / heads; llama3: RoPE scaled), Qwen2
+    (biases, tied), Mistral."""
     llama_like = dict(
         vocab_size=VOCAB,
         hidden_size=16,
@@ -35,6 +36,10 @@ def hf_config(family: str) -> transformers.PretrainedConfig:
         return transformers.LlamaConfig(
             **llama_like, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 500.0}
         )
+    if family == "llama3":  # Llama 3.x's RoPE scaling: one frequency kept, one smoothed, two slowed
+        rope = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0}
+        rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        return transformers.LlamaConfig(**llama_like, head_dim=8, rope_parameters=rope)
     if family == "qwen2":
         return transformers.Qwen2Config(**llama_like, tie_word_embeddings=True)
     if family == "mistral":

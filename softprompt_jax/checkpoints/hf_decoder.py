@@ -77,13 +77,27 @@ def _gpt2_config(hf: Mapping, dtype: str) -> GPT2Config:
     )
 
 
-def _rope_theta(hf: Mapping) -> float:
-    """RoPE base from `rope_parameters` (transformers 5) or `rope_theta`; plain RoPE only."""
+def _rope_settings(hf: Mapping) -> dict:
+    """LlamaConfig's RoPE fields from `rope_parameters` (transformers 5) or `rope_scaling` and
+    `rope_theta`: plain RoPE or Llama 3's `rope_type='llama3'`; any other type is refused."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
+    settings = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return settings
+    if kind != "llama3":
         raise _unsupported("rope_type", kind)
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    try:
+        return settings | {
+            "rope_scaling_factor": float(rope["factor"]),
+            "rope_low_freq_factor": float(rope["low_freq_factor"]),
+            "rope_high_freq_factor": float(rope["high_freq_factor"]),
+            "rope_original_max_positions": int(
+                rope.get("original_max_position_embeddings", hf["max_position_embeddings"])
+            ),
+        }
+    except KeyError as missing:
+        raise SoftpromptError(f"rope_type='llama3' needs {missing.args[0]!r}") from None
 
 
 def _llama_config(hf: Mapping, kind: str, dtype: str) -> LlamaConfig:
@@ -105,7 +119,7 @@ def _llama_config(hf: Mapping, kind: str, dtype: str) -> LlamaConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
         mlp_dim=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
-        rope_theta=_rope_theta(hf),
+        **_rope_settings(hf),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=kind == "qwen2" or attention_bias,
         out_bias=kind != "qwen2" and attention_bias,

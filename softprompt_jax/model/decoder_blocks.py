@@ -8,9 +8,12 @@ scanned, with remat, as T5's. Every parameter and large activation has logical a
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softprompt_jax.model.decoder_config import DecoderOnlyConfig
 from softprompt_jax.model.layers import MASK_BIAS, constrain
@@ -69,14 +72,44 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(
+    head_dim: int,
+    theta: float,
+    factor: float | None = None,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_positions: int = 8192,
+) -> tuple[float, ...]:
+    """RoPE's `head_dim / 2` inverse frequencies (float32), Llama 3's scaling when `factor` is set.
+
+    Llama 3.1's `rope_type='llama3'` (transformers' `_compute_llama3_parameters`): wavelengths
+    longer than `original / low_freq_factor` are slowed by `factor`, those shorter than
+    `original / high_freq_factor` kept, the ones between interpolated smoothly.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if factor is not None:
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        low_freq_wavelen = original_max_positions / low_freq_factor
+        high_freq_wavelen = original_max_positions / high_freq_factor
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+        smooth = (original_max_positions / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return tuple(float(f) for f in inv_freq)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: tuple[float, ...]) -> jax.Array:
     """Rotary embedding as Hugging Face's Llama: halves rotated, angles in float32.
 
-    `x` `[batch, length, heads, head_dim]`, `positions` `[batch, length]`.
+    `x` `[batch, length, heads, head_dim]`, `positions` `[batch, length]`, `inv_freq` from
+    `rope_frequencies`.
     """
     head_dim = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
     half = head_dim // 2
@@ -123,7 +156,7 @@ class CausalSelfAttention(nn.Module):
     head_dim: int
     qkv_bias: bool = False
     out_bias: bool = False
-    rope_theta: float | None = None
+    rope_inv_freq: tuple[float, ...] | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -149,9 +182,9 @@ class CausalSelfAttention(nn.Module):
         query = project("query", self.num_heads)
         key = project("key", self.num_kv_heads)
         value = project("value", self.num_kv_heads)
-        if self.rope_theta is not None:
-            query = apply_rope(query, positions, self.rope_theta)
-            key = apply_rope(key, positions, self.rope_theta)
+        if self.rope_inv_freq is not None:
+            query = apply_rope(query, positions, self.rope_inv_freq)
+            key = apply_rope(key, positions, self.rope_inv_freq)
         if decode:
             key, value = self._update_cache(key, value, cache_index)
         if prefix is not None:

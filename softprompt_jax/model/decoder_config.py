@@ -94,7 +94,9 @@ class LlamaConfig(_DecoderConfigMethods):
 
     `qkv_bias` / `out_bias`: biases on the query-key-value and output projections (Llama's
     `attention_bias` sets both, Qwen2 has only the first); `sliding_window`: Mistral's window
-    (a key is seen when `query - key < sliding_window`), None for full attention.
+    (a key is seen when `query - key < sliding_window`), None for full attention;
+    `rope_scaling_factor` (None: plain RoPE) and the three after it: Llama 3.x's
+    `rope_type='llama3'` frequency scaling (`rope_scaling` of its config.json).
     """
 
     vocab_size: int = 32000
@@ -105,6 +107,10 @@ class LlamaConfig(_DecoderConfigMethods):
     mlp_dim: int = 11008
     num_layers: int = 32
     rope_theta: float = 10000.0
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = False
     out_bias: bool = False
@@ -122,6 +128,15 @@ class LlamaConfig(_DecoderConfigMethods):
         if self.num_heads % self.num_kv_heads:
             raise SoftpromptError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if self.rope_scaling_factor is not None and not (
+            self.rope_high_freq_factor > self.rope_low_freq_factor > 0
+            and self.rope_scaling_factor > 0
+        ):
+            raise SoftpromptError(
+                f"llama3 rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor "
+                f"> 0; got factor={self.rope_scaling_factor}, low_freq_factor="
+                f"{self.rope_low_freq_factor}, high_freq_factor={self.rope_high_freq_factor}"
             )
         if self.head_dim % 2:
             raise SoftpromptError(f"RoPE needs an even head_dim, got {self.head_dim}")

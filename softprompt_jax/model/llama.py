@@ -16,6 +16,7 @@ from softprompt_jax.model.decoder_blocks import (
     CausalSelfAttention,
     Linear,
     attention_bias,
+    rope_frequencies,
     run_layers,
 )
 from softprompt_jax.model.decoder_config import LlamaConfig
@@ -50,7 +51,14 @@ class LlamaLayer(nn.Module):
             cfg.head_dim,
             qkv_bias=cfg.qkv_bias,
             out_bias=cfg.out_bias,
-            rope_theta=cfg.rope_theta,
+            rope_inv_freq=rope_frequencies(
+                cfg.head_dim,
+                cfg.rope_theta,
+                cfg.rope_scaling_factor,
+                cfg.rope_low_freq_factor,
+                cfg.rope_high_freq_factor,
+                cfg.rope_original_max_positions,
+            ),
             dtype=cfg.compute_dtype,
             name="attention",
         )(
