@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.model.decoder_config import DecoderOnlyConfig, is_decoder_only
+from softprompt_jax.model.decoder_config import (
+    DecoderOnlyConfig,
+    check_positions,
+    is_decoder_only,
+)
 from softprompt_jax.model.decoder_only import network
 from softprompt_jax.model.prefix_layout import is_prefix
 from softprompt_jax.prefixes import prefix_key_values, prefix_length
@@ -36,10 +40,12 @@ def model_inputs(
     prompt: Prompt,
     prompt_ids: jax.Array | None = None,
     position_ids: jax.Array | None = None,
+    new_tokens: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array, tuple | None, int]:
     """`(embeddings, key mask, positions, prefix keys/values, prompt rows)` for the network.
 
-    The network's first `prompt rows` outputs are the prompt's (0 for a prefix).
+    The network's first `prompt rows` outputs are the prompt's (0 for a prefix). A sequence
+    (with `new_tokens` to generate) past GPT-2's positions raises SoftpromptError.
 
     `position_ids` `[batch, length]` are the input tokens' positions counted without the
     prompt or prefix (default `0..length-1`); the virtual length P is added to them.
@@ -48,15 +54,18 @@ def model_inputs(
     if position_ids is None:
         position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
     if prompt is None:
+        check_positions(cfg, 0, length, new_tokens)
         return embeddings, attention_mask, position_ids, None, 0
     if is_prefix(prompt):
         if prompt_ids is not None:
             raise SoftpromptError("prompt_ids pick bank rows; a prefix is shared by the batch")
         virtual = prefix_length(prompt)
+        check_positions(cfg, virtual, length, new_tokens)
         kv = prefix_key_values(cfg, prompt)
         return embeddings, attention_mask, virtual + position_ids, kv, 0
     embeddings, mask = prepend_prompt(prompt, embeddings, attention_mask, prompt_ids)
     virtual = mask.shape[1] - length
+    check_positions(cfg, virtual, length, new_tokens)
     prompt_mask = mask[:, :virtual].astype(jnp.int32)
     prompt_length = jnp.sum(prompt_mask, axis=1, keepdims=True)
     positions = jnp.concatenate(

@@ -26,7 +26,12 @@ from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
 from softprompt_jax.checkpoints.sharded import read_config
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.methods import read_model_family, read_prefix_info, table_to_prefix
+from softprompt_jax.methods import (
+    check_lengths,
+    read_model_family,
+    read_prefix_info,
+    table_to_prefix,
+)
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.prefixes import check_prefix
 from softprompt_jax.prompt_bank import PromptBank
@@ -97,7 +102,7 @@ def evaluate(
     header = {"task": task, "split": split, "checkpoint_path": str(checkpoint_path)}
     if prompts is None:
         prompt = _read_prompt(prompt_file)
-        cfg, params = _load_model(checkpoint_path, dtype, prompt, prompt_file)
+        cfg, params = _load_model(checkpoint_path, dtype, prompt, prompt_file, feature_lengths)
         metrics = evaluate_prompt(
             cfg,
             params,
@@ -113,11 +118,11 @@ def evaluate(
     bank = _load_bank(prompts)
     header["prompts"] = prompts
     if ensemble:
-        cfg, params = _load_model(checkpoint_path, dtype, bank, prompts)
+        cfg, params = _load_model(checkpoint_path, dtype, bank, prompts, feature_lengths)
         metrics = evaluate_ensemble(cfg, params, bank, task=task, **settings)
         return _write_eval(output_dir, header, metrics, {task: metrics})
     tasks = _tasks_with_prompts(task_obj, split, bank)
-    cfg, params = _load_model(checkpoint_path, dtype, bank, prompts)
+    cfg, params = _load_model(checkpoint_path, dtype, bank, prompts, feature_lengths)
     by_task = evaluate_tasks(
         cfg,
         params,
@@ -180,9 +185,9 @@ def infer(
         rows, features = _task_rows(task, split, lengths, max_examples, prompt, vocabulary_path)
     else:
         rows, features = _file_rows(input_file, lengths, prompt, task, vocabulary_path)
-    cfg, params = _load_model(
-        checkpoint_path, dtype, prompt, prompt_file if prompts is None else prompts
-    )
+    source = prompt_file if prompts is None else prompts
+    new_tokens = decode_length or lengths["targets"]
+    cfg, params = _load_model(checkpoint_path, dtype, prompt, source, lengths, new_tokens)
     predictions = infer_rows.predict(
         cfg,
         params,
@@ -418,12 +423,16 @@ def _load_model(
     dtype: str,
     prompt: jax.Array | PromptBank,
     source: PromptsSetting,
+    feature_lengths: Mapping[str, int] | None = None,
+    new_tokens: int | None = None,
 ) -> tuple[T5Config, dict]:
-    """The frozen model, once the prompts are known to fit it (from its config alone).
+    """The frozen model, once the prompts and lengths are known to fit it (from its config).
 
-    `source` is where the prompts came from: a file or bank path, or {name: file}.
+    `source` is where the prompts came from: a file or bank path, or {name: file};
+    `feature_lengths` and `new_tokens` as `methods.check_lengths` takes them.
     """
     cfg = read_config(checkpoint_path, dtype)
+    check_lengths(cfg, prompt, feature_lengths, new_tokens)
     if isinstance(prompt, Mapping):  # a prefix (.npz or PEFT prefix dir)
         if is_t5_prefix(prompt):
             check_t5_prefix(cfg, prompt, str(source))

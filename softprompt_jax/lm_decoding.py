@@ -45,7 +45,7 @@ def lm_generate(
     positions = generation_positions(attention_mask)
     embeddings = model.apply({"params": params}, input_ids, method=model.embed)
     embeddings, mask, positions, kv, _ = model_inputs(
-        cfg, embeddings, attention_mask, prompt, prompt_ids, positions
+        cfg, embeddings, attention_mask, prompt, prompt_ids, positions, max_new_tokens
     )
     filled = embeddings.shape[1]
     key_mask = jnp.concatenate([mask, jnp.ones((batch, max_new_tokens), mask.dtype)], axis=1)

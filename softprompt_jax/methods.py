@@ -28,9 +28,9 @@ import seqio
 
 from softprompt_jax import storage
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.model.decoder_config import is_decoder_only
+from softprompt_jax.model.decoder_config import check_positions, is_decoder_only
 from softprompt_jax.model.prefix_layout import prefix_table, split_table
-from softprompt_jax.prefixes import init_prefix
+from softprompt_jax.prefixes import init_prefix, prefix_length
 from softprompt_jax.t5_prefixes import MODES, init_t5_prefix
 
 METHODS = ("prompt", "prefix")
@@ -63,6 +63,38 @@ def check_packing(cfg: Any, pack: bool) -> None:
         raise SoftpromptError(
             f"PACK=True packs T5 rows only; the model is a {type(cfg).__name__}: set PACK=False"
         )
+
+
+def check_lengths(
+    cfg: Any,
+    prompt: Any,
+    feature_lengths: Mapping[str, int] | None,
+    new_tokens: int | None = None,
+) -> None:
+    """Refuse, at start-up, GPT-2 sequences past its positions (`check_positions`).
+
+    `prompt`: its length, or the prompt, bank or prefix itself. Training and scoring read
+    inputs + targets; generation (`new_tokens` set) inputs + new tokens. `feature_lengths`
+    None (whole examples) is checked per batch, by `lm_logits`.
+    """
+    if feature_lengths is None or not is_decoder_only(cfg):
+        return
+    inputs = feature_lengths["inputs"]
+    if new_tokens is None:
+        check_positions(cfg, _virtual_length(prompt), inputs + feature_lengths["targets"])
+    else:
+        check_positions(cfg, _virtual_length(prompt), inputs, new_tokens)
+
+
+def _virtual_length(prompt: Any) -> int:
+    """Positions a prompt `[P, d]`, a bank (its longest prompt) or a prefix puts in front."""
+    if isinstance(prompt, int):
+        return prompt
+    if isinstance(prompt, Mapping):
+        return prefix_length(prompt)
+    if hasattr(prompt, "lengths"):
+        return max(prompt.lengths)
+    return int(np.shape(prompt)[-2])
 
 
 def feature_converter(cfg: Any) -> seqio.FeatureConverter:

@@ -75,6 +75,17 @@ def test_packing_is_refused_on_decoder_only_models(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_gpt2_lengths_past_its_positions_are_refused(tmp_path, capsys):
+    model = save_tiny("gpt2", tmp_path / "gpt2")
+    lengths = "{'inputs': 58, 'targets': 4}"  # + PROMPT_LENGTH 3 = 65 > 64 positions
+    argv = train_argv(model, "gpt2.gin", tmp_path / "run", TASK_FEATURE_LENGTHS=lengths)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "GPT-2 has 64 positions (max_position_embeddings); 3 prompt/prefix" in err
+    assert "+ 62 tokens (TASK_FEATURE_LENGTHS) + 0 new tokens (max_new_tokens) = 65" in err
+    assert not (tmp_path / "run").exists()
+
+
 def _check_causal_lm_exports(model: Path, run: Path, tmp_path: Path, capsys) -> None:
     """A decoder-only prompt run exports a CAUSAL_LM PEFT adapter giving our logits; no --t5x."""
     adapter = tmp_path / "peft_prompt"

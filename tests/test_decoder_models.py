@@ -21,6 +21,7 @@ import softprompt_jax as sp
 from softprompt_jax.checkpoints.sharded import load_sharded
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.lm_decoding import generation_positions
+from softprompt_jax.methods import check_lengths
 from softprompt_jax.model import decoder_only
 from softprompt_jax.model.scan import stack_layers
 from softprompt_jax.partitioning import make_mesh, param_shardings
@@ -187,3 +188,20 @@ def test_each_bank_row_equals_its_prompt_alone_on_gpt2(saved):
     for row, n in enumerate((2, 4)):
         alone = sp.lm_generate(cfg, params, left_ids, left_mask, 3, prompts[n])
         np.testing.assert_array_equal(np.asarray(both[row]), np.asarray(alone[row]))
+
+
+def test_gpt2_sequences_past_its_positions_are_refused(saved):
+    """GPT-2 (32 positions) would read NaN past its table: one line names the lengths."""
+    _, path = saved["gpt2"]
+    cfg, params = sp.load_pretrained(path, dtype="float32")
+    prompt = jnp.zeros((3, cfg.emb_dim), jnp.float32)
+    ids = jnp.ones((1, 30), jnp.int32)
+    limit = r"GPT-2 has 32 positions \(max_position_embeddings\); 3 prompt/prefix"
+    with pytest.raises(SoftpromptError, match=limit + r".* \+ 30 tokens .* = 33"):
+        sp.lm_logits(cfg, params, ids, jnp.ones_like(ids), prompt)
+    with pytest.raises(SoftpromptError, match=r"\+ 25 tokens .* \+ 5 new tokens .* = 33"):
+        sp.lm_generate(cfg, params, ids[:, :25], jnp.ones_like(ids[:, :25]), 5, prompt)
+    with pytest.raises(SoftpromptError, match=r"\+ 30 tokens \(TASK_FEATURE_LENGTHS\)"):
+        check_lengths(cfg, 3, {"inputs": 20, "targets": 10})
+    check_lengths(cfg, prompt, {"inputs": 20, "targets": 9})  # 32 fit
+    check_lengths(cfg, 3, {"inputs": 20, "targets": 9}, new_tokens=9)

@@ -149,6 +149,21 @@ class LlamaConfig(_DecoderConfigMethods):
 DecoderOnlyConfig = GPT2Config | LlamaConfig
 
 
+def check_positions(cfg: Any, virtual: int, tokens: int, new_tokens: int = 0) -> None:
+    """Refuse a GPT-2 sequence longer than its learned position table (reading past it is NaN).
+
+    `virtual` prompt or prefix positions, `tokens` input (and target) tokens, `new_tokens`
+    generated ones. Shapes are static, so this runs in Python, at trace time under jit.
+    """
+    total = virtual + tokens + new_tokens
+    if isinstance(cfg, GPT2Config) and total > cfg.max_position_embeddings:
+        raise SoftpromptError(
+            f"GPT-2 has {cfg.max_position_embeddings} positions (max_position_embeddings); "
+            f"{virtual} prompt/prefix (PROMPT_LENGTH) + {tokens} tokens (TASK_FEATURE_LENGTHS) "
+            f"+ {new_tokens} new tokens (max_new_tokens) = {total}: shorten one of them"
+        )
+
+
 def is_decoder_only(cfg: Any) -> bool:
     """Whether `cfg` describes a decoder-only model (GPT-2 or Llama family), not T5."""
     return isinstance(cfg, (GPT2Config, LlamaConfig))

@@ -30,6 +30,7 @@ from softprompt_jax.checkpoints.sharded import load_sharded, read_config
 from softprompt_jax.errors import SoftpromptError, TrainingInterrupted
 from softprompt_jax.losses import LossConfig
 from softprompt_jax.methods import (
+    check_lengths,
     check_method,
     check_packing,
     describe,
@@ -271,6 +272,8 @@ def train(
     local_batch = local_batch_size(batch_size, device_mesh)
     cfg = model_config(checkpoint_path, dtype, dropout_rate, model_overrides)
     check_packing(cfg, pack or evaluation.pack)
+    check_lengths(cfg, prompt.length, feature_lengths)
+    check_lengths(cfg, prompt.length, evaluation.feature_lengths)
     run_info = make_run_info(
         task=task,
         seed=seed,
