@@ -13,7 +13,7 @@ candidate scores) that says so. Measurements, per size:
   with `prompt_ids`, PEFT four sub-batches with adapter switches (as its users must, see
   `shared/anchors/peft_infer_anchor.py`).
 - `score`: rank classification, `--candidates` candidates per input, summed log-likelihood
-  (ours: `losses.score_candidates`, one encoder pass per input; PEFT: a forward pass on every
+  (ours: `sp.score_candidates`, one encoder pass per input; PEFT: a forward pass on every
   (input, candidate) row, as its users score).
 
 Timing: a warm-up call per implementation (its time is `compile_s`), then rounds interleaved
@@ -48,9 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softprompt_jax import score_candidates
+from softprompt_jax.batching import shift_right
 from softprompt_jax.checkpoints.huggingface import hf_tensors_from_params
 from softprompt_jax.inference import predict_tokens
-from softprompt_jax.losses import LossConfig, score_candidates
+from softprompt_jax.losses import LossConfig
 from softprompt_jax.model import T5Config, cast_params, get_config, param_shapes
 from softprompt_jax.model.scan import stack_layers
 from softprompt_jax.train.optimizer import make_optimizer
@@ -440,11 +442,6 @@ def random_params(cfg: T5Config, dtype: str) -> dict:
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _normal(key: jax.Array, shape: tuple, dtype: Any, std: float) -> jax.Array:
     return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
-
-
-def shift_right(targets: np.ndarray) -> np.ndarray:
-    """Decoder inputs: the targets shifted right behind T5's start token 0."""
-    return np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
 
 
 def hf_model(cfg: T5Config, params: dict, device, dtype):

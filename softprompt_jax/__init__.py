@@ -9,12 +9,9 @@ __all__ += ["load_pretrained", "save_pretrained"]
 from softprompt_jax.causal_lm import lm_logits, lm_loss_inputs  # noqa: E402
 from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt  # noqa: E402
 from softprompt_jax.ensembles import ensemble_predict  # noqa: E402
+from softprompt_jax.inference import score_candidates  # noqa: E402
 from softprompt_jax.lm_decoding import lm_generate  # noqa: E402
-from softprompt_jax.losses import (  # noqa: E402
-    prompt_loss_and_grad,
-    score_batch,
-    score_candidates,
-)
+from softprompt_jax.losses import prompt_loss_and_grad, score_batch  # noqa: E402
 from softprompt_jax.model.decoder_config import GPT2Config, LlamaConfig, is_decoder_only  # noqa: E402
 from softprompt_jax.prefixes import fold_prefix, init_prefix  # noqa: E402
 from softprompt_jax.prompt_bank import PromptBank  # noqa: E402

@@ -95,16 +95,64 @@ def input_batches(
     for length, indices in groups:
         for start in range(0, len(indices), batch_size):
             chosen = indices[start : start + batch_size]
-            tokens = np.zeros((batch_size, length), np.int32)
-            for row, i in enumerate(chosen):
-                cut = inputs[i][:length]
-                tokens[row, : len(cut)] = cut
-            batch = {"encoder_input_tokens": tokens}
-            if prompt_ids is not None:
-                ids = np.asarray([prompt_ids[i] for i in chosen], np.int32)
-                batch["prompt_ids"] = _padded_rows(ids, batch_size)
+            ids = None if prompt_ids is None else [prompt_ids[i] for i in chosen]
+            batch = t5x_features(
+                [inputs[i] for i in chosen], None, ids, inputs_length=length, batch_size=batch_size
+            )
             batches.append((batch, len(chosen)))
     return batches, np.concatenate([i for _, i in groups] or [np.zeros(0, np.int64)])
+
+
+def shift_right(targets: Any) -> Any:
+    """T5's decoder inputs: each row of `targets` one step right behind the start id 0.
+
+    Takes numpy or jax arrays (under jit too), through the array's own namespace.
+    """
+    xp = targets.__array_namespace__()
+    start = xp.zeros_like(targets[..., :1])
+    return xp.concatenate([start, targets[..., :-1]], axis=-1)
+
+
+def pad_tokens(
+    rows: Sequence[Sequence[int]], length: int, batch_size: int | None = None
+) -> np.ndarray:
+    """Rows of token ids cut to `length`, zero-padded to `[batch_size, length]` int32.
+
+    `batch_size` defaults to one row per given row.
+    """
+    tokens = np.zeros((len(rows) if batch_size is None else batch_size, length), np.int32)
+    for row, ids in enumerate(rows):
+        cut = np.asarray(ids)[:length]
+        tokens[row, : len(cut)] = cut
+    return tokens
+
+
+def t5x_features(
+    inputs: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]] | None,
+    prompt_ids: Sequence[int] | None,
+    *,
+    inputs_length: int,
+    batch_size: int,
+    targets_length: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Unpacked T5X features of the examples, zero-padded to `batch_size` rows.
+
+    As seqio's `EncDecFeatureConverter(pack=False)` builds them: `encoder_input_tokens` and,
+    with `targets` (cut to `targets_length`), `decoder_input_tokens` (`shift_right`),
+    `decoder_target_tokens` and `decoder_loss_weights`; with `prompt_ids`, `prompt_ids`.
+    """
+    features = {"encoder_input_tokens": pad_tokens(inputs, inputs_length, batch_size)}
+    if targets is not None:
+        if targets_length is None:
+            raise ValueError("targets need a targets_length")
+        decoder = pad_tokens(targets, targets_length, batch_size)
+        features["decoder_input_tokens"] = shift_right(decoder)
+        features["decoder_target_tokens"] = decoder
+        features["decoder_loss_weights"] = (decoder > 0).astype(np.int32)
+    if prompt_ids is not None:
+        features["prompt_ids"] = padded_rows(np.asarray(prompt_ids, np.int32), batch_size)
+    return features
 
 
 def share_encoder_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,13 +181,14 @@ def share_encoder_rows(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
     position = {source: n for n, source in enumerate(sources)}
     shared = {
         **batch,
-        "encoder_input_tokens": _padded_rows(tokens[sources], size),
+        "encoder_input_tokens": padded_rows(tokens[sources], size),
         "encoder_index": np.asarray([position.get(i, 0) for i in index], np.int32),
     }
     if ids is not None:
-        shared["prompt_ids"] = _padded_rows(np.asarray(ids)[sources], size)
+        shared["prompt_ids"] = padded_rows(np.asarray(ids)[sources], size)
     return shared
 
 
-def _padded_rows(array: np.ndarray, size: int) -> np.ndarray:
+def padded_rows(array: np.ndarray, size: int) -> np.ndarray:
+    """`array` with zero rows appended along its first axis up to `size` rows."""
     return np.pad(array, [(0, size - len(array))] + [(0, 0)] * (array.ndim - 1))

@@ -127,18 +127,64 @@ def make_score_fn(
     """The rank-classification `ScoreFn`: summed target log-likelihood per example.
 
     Rows of a batch that share their input (and prompt), as a rank task's candidates do,
-    share one encoder pass (`batching.share_encoder_rows`; T5 with a soft prompt).
+    share one encoder pass (`batching.share_encoder_rows`; T5 with a soft prompt). Scores
+    through the module-level jitted `score_batch`, so every call (every in-training eval)
+    reuses the programs compiled before.
     """
-    scorer = jax.jit(functools.partial(score_batch, cfg))
     # T5 with a soft prompt (array or bank); decoder-only models and prefixes score row by row.
     share = isinstance(cfg, T5Config) and isinstance(prompt, jax.Array | np.ndarray | PromptBank)
 
     def score_fn(batch: Batch) -> np.ndarray:
         shared = batching.share_encoder_rows(batch) if share else batch
         features = {k: jnp.asarray(v) for k, v in shared.items()}
-        return np.asarray(scorer(params, prompt, features))
+        return np.asarray(score_batch(cfg, params, prompt, features))
 
     return score_fn
+
+
+def score_candidates(
+    cfg: T5Config,
+    params: Mapping[str, Any],
+    prompt: jax.Array | PromptBank | Any,
+    inputs: jax.Array,
+    candidates: jax.Array,
+    prompt_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Each candidate's summed log-likelihood `[B, C]` given its input: rank classification.
+
+    `inputs` `[B, L]` are input ids (0-padded, EOS included); `candidates` `[B, C, T]` are
+    target ids (0-padded, EOS included; an all-zero candidate scores 0); `prompt_ids` `[B]`
+    pick each input's prompt of a bank. Equals `losses.score_batch` on the B * C
+    (input, candidate) rows with T5X's decoder inputs, through its dispatch: T5 with a soft
+    prompt encodes each input once; decoder-only models and T5 prefixes score row by row.
+    """
+    shapes = tuple(jnp.shape(inputs)), tuple(jnp.shape(candidates))
+    if len(shapes[0]) != 2 or len(shapes[1]) != 3 or shapes[1][0] != shapes[0][0]:
+        raise SoftpromptError(
+            "score_candidates takes inputs [B, L] and candidates [B, C, T]; "
+            f"got inputs {shapes[0]} and candidates {shapes[1]}"
+        )
+    if prompt_ids is not None and tuple(jnp.shape(prompt_ids)) != shapes[0][:1]:
+        raise SoftpromptError(
+            f"score_candidates: prompt_ids {tuple(jnp.shape(prompt_ids))} must be [B] = "
+            f"{shapes[0][:1]}, one per input"
+        )
+    return _score_candidates(cfg, params, prompt, inputs, candidates, prompt_ids)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _score_candidates(cfg, params, prompt, inputs, candidates, prompt_ids):
+    """`score_candidates` once its shapes are checked, compiled once per shape."""
+    batch, count, length = candidates.shape
+    targets = jnp.asarray(candidates).reshape(batch * count, length)
+    features = {
+        "encoder_input_tokens": jnp.asarray(inputs),
+        "encoder_index": jnp.repeat(jnp.arange(batch, dtype=jnp.int32), count),
+        "decoder_input_tokens": batching.shift_right(targets),
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": (targets > 0).astype(jnp.int32),
+    }
+    return score_batch(cfg, params, prompt, features, prompt_ids).reshape(batch, count)
 
 
 def candidate_scores(
@@ -153,64 +199,55 @@ def candidate_scores(
     inputs_length: int | None = None,
     length_buckets: int = 1,
 ) -> list[np.ndarray]:
-    """Per input, each of its candidates' summed log-likelihood (float64), in order.
+    """`score_candidates` on token lists: per input, its candidates' scores (float64), in order.
 
-    The public entry for rank classification on token ids (infer, the server, benchmarks):
     `inputs[i]` are input ids (EOS included), `candidates[i]` its candidate target ids (any
     number, EOS included), `prompt_ids[i]` its prompt of a bank. Inputs longer than
-    `inputs_length` (default: the longest) are cut. Each batch holds `batch_size`
-    (input, candidate) rows and encodes each distinct input once; `length_buckets > 1` pads
-    batches to a few input lengths (`batching.bucket_lengths`) instead of the longest.
+    `inputs_length` (default: the longest) are cut. Each batch holds as many inputs as fit
+    `batch_size` (input, candidate) rows (at least one), every one with all its candidates;
+    `length_buckets > 1` pads batches to a few input lengths (`batching.bucket_lengths`)
+    instead of the longest.
     """
-    pairs = [(i, c) for i, each in enumerate(candidates) for c in each]
-    if not pairs:
+    count = max([len(each) for each in candidates] + [0])
+    if not count:
         return [np.zeros([0]) for _ in inputs]
     inputs_length = inputs_length or max(len(tokens) for tokens in inputs)
-    targets_length = max(len(c) for _, c in pairs)
-    rows = [min(len(inputs[i]), inputs_length) for i, _ in pairs]
-    keys = [(inputs[i][:inputs_length].tobytes(), _id(prompt_ids, i)) for i, _ in pairs]
-    score_fn = make_score_fn(cfg, params, prompt)
-    scores: list[float] = []
+    targets_length = max(len(c) for each in candidates for c in each)
+    per_batch = max(1, batch_size // count)
+    keys = [(x[:inputs_length].tobytes(), _id(prompt_ids, i)) for i, x in enumerate(inputs)]
+    lengths = [len(tokens) for tokens in inputs]
+    scores: list[np.ndarray] = []
     order: list[int] = []
-    for length, indices in batching.by_length(rows, inputs_length, length_buckets, keys):
-        for start in range(0, len(indices), batch_size):
-            chosen = [pairs[k] for k in indices[start : start + batch_size]]
-            batch = _candidate_batch(chosen, inputs, prompt_ids, length, targets_length, batch_size)
-            scores += list(score_fn(batch)[: len(chosen)])
+    for length, indices in batching.by_length(lengths, inputs_length, length_buckets, keys):
+        for start in range(0, len(indices), per_batch):
+            chosen = indices[start : start + per_batch]
+            options = np.zeros((per_batch, count, targets_length), np.int32)
+            for row, i in enumerate(chosen):
+                options[row, : len(candidates[i])] = batching.pad_tokens(
+                    candidates[i], targets_length
+                )
+            ids = None if prompt_ids is None else [prompt_ids[i] for i in chosen]
+            features = batching.t5x_features(
+                [inputs[i] for i in chosen], None, ids, inputs_length=length, batch_size=per_batch
+            )
+            batch_scores = np.asarray(
+                score_candidates(
+                    cfg,
+                    params,
+                    prompt,
+                    features["encoder_input_tokens"],
+                    options,
+                    features.get("prompt_ids"),
+                ),
+                np.float64,
+            )
+            scores += [batch_scores[row, : len(candidates[i])] for row, i in enumerate(chosen)]
         order += list(indices)
-    scores = np.asarray(batching.restore_order(scores, order), np.float64)
-    return np.split(scores, np.cumsum([len(each) for each in candidates])[:-1])
+    return batching.restore_order(scores, order)
 
 
 def _id(prompt_ids: Sequence[int] | None, row: int) -> int:
     return -1 if prompt_ids is None else int(prompt_ids[row])
-
-
-def _candidate_batch(
-    pairs: Sequence[tuple[int, np.ndarray]],
-    inputs: Sequence[np.ndarray],
-    prompt_ids: Sequence[int] | None,
-    inputs_length: int,
-    targets_length: int,
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    """T5X features of (input index, candidate ids) pairs, zero-padded to `batch_size` rows."""
-    encoder = np.zeros((batch_size, inputs_length), np.int32)
-    targets = np.zeros((batch_size, targets_length), np.int32)
-    for row, (i, candidate) in enumerate(pairs):
-        tokens = inputs[i][:inputs_length]
-        encoder[row, : len(tokens)] = tokens
-        targets[row, : len(candidate)] = candidate
-    batch = {
-        "encoder_input_tokens": encoder,
-        "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
-        "decoder_target_tokens": targets,
-        "decoder_loss_weights": (targets > 0).astype(np.int32),
-    }
-    if prompt_ids is not None:
-        ids = [prompt_ids[i] for i, _ in pairs]
-        batch["prompt_ids"] = np.pad(np.asarray(ids, np.int32), (0, batch_size - len(pairs)))
-    return batch
 
 
 def predict_texts(

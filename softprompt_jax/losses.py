@@ -396,35 +396,3 @@ def score_batch(
         batch["decoder_input_tokens"],
         loss_weights(batch),
     )
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def score_candidates(
-    cfg: T5Config,
-    params: Mapping[str, Any],
-    prompt: jax.Array,
-    inputs: jax.Array,
-    candidates: jax.Array,
-    prompt_ids: jax.Array | None = None,
-) -> jax.Array:
-    """Each candidate's summed log-likelihood `[B, C]` given its input, one encoder pass per input.
-
-    `inputs` `[B, L]` are input ids (0-padded, EOS included); `candidates` `[B, C, T]` are
-    target ids (0-padded, EOS included; an all-zero candidate scores 0); `prompt_ids` `[B]`
-    pick each input's prompt of a bank. Equals `score_batch` on the B * C (input, candidate)
-    rows, with T5X's decoder inputs (the targets shifted right, 0 first).
-    """
-    batch, count, length = candidates.shape
-    targets = candidates.reshape(batch * count, length)
-    decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
-    return _target_scores(
-        cfg,
-        params,
-        prompt,
-        inputs,
-        prompt_ids,
-        jnp.repeat(jnp.arange(batch), count),
-        targets,
-        decoder_inputs,
-        (targets > 0).astype(jnp.float32),
-    ).reshape(batch, count)

@@ -235,7 +235,7 @@ def prompted_batches(
     ids = np.asarray(prompt_ids, np.int32)
     start = 0
     for batch, size in batches:
-        rows = np.pad(ids[start : start + size], (0, batch_size - size))
+        rows = batching.padded_rows(ids[start : start + size], batch_size)
         yield {**batch, "prompt_ids": rows}, size
         start += size
 

@@ -93,6 +93,13 @@ def test_rank_scores_of_t5x_batches_are_hf_target_log_likelihoods(gpt2):
     np.testing.assert_allclose(scores[[0, 2]], expected, rtol=1e-5, atol=1e-5)
     alone = losses.score_batch(cfg, params, None, {k: v[1:2] for k, v in batch.items()})
     np.testing.assert_allclose(scores[1], alone[0], rtol=1e-5)
+    # The public scorer dispatches too: input 0's two candidates, input 1's one and a padding one.
+    inputs = batching.pad_tokens([ex["inputs"] for ex in EXAMPLES], LENGTHS["inputs"])
+    candidates = [[examples[0]["targets"], [9, 1]], [examples[2]["targets"], []]]
+    candidates = np.stack([batching.pad_tokens(each, LENGTHS["targets"]) for each in candidates])
+    by_input = np.asarray(sp.score_candidates(cfg, params, None, inputs, candidates))
+    np.testing.assert_allclose(by_input.ravel()[:3], scores[:3], rtol=1e-5, atol=1e-5)
+    assert by_input[1, 1] == 0
 
 
 def test_predictions_continue_right_aligned_inputs(gpt2):

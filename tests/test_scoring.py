@@ -7,16 +7,18 @@ another length must not change a number.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
 from conftest import TINY
-from softprompt_jax.tasks import demo, metrics
+from softprompt_jax.tasks import demo, evaluation, metrics
 from softprompt_jax.tasks.postprocessors import as_text
 from softprompt_jax.tasks.rank_classification import (
     RankClassificationMetric,
@@ -25,7 +27,7 @@ from softprompt_jax.tasks.rank_classification import (
 )
 
 import softprompt_jax as sp
-from softprompt_jax import batching, infer_rows, inference, losses, prompt_eval
+from softprompt_jax import batching, infer_rows, inference, losses, prompt_eval, t5_prefixes
 from softprompt_jax.prompts import prompted_logits
 
 BANK_LENGTHS = {"a": 3, "b": 5, "c": 2}  # a bank of prompts of different lengths
@@ -60,6 +62,22 @@ def padded(rows, length: int) -> np.ndarray:
     return np.stack([np.pad(row, (0, length - len(row))) for row in rows]).astype(np.int32)
 
 
+@contextlib.contextmanager
+def lowerings():
+    """The programs JAX lowers meanwhile: one per call that misses every in-memory cache."""
+    events = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def reference_scores(params, bank, pairs, ids) -> np.ndarray:
     """Each (input, candidate) of `pairs` in its own row of the plain prompted model, the
     path training takes: summed target log-likelihood per row (12 rows: one compiled shape)."""
@@ -83,7 +101,7 @@ def test_score_candidates_equals_each_candidate_scored_alone(params, bank):
     inputs = [random_ids(rng, n) for n in (7, 3, 60, 5)]
     candidates = [[random_ids(rng, n) for n in (2, 4, 3)] for _ in inputs]
     ids = [2, 0, 1, 2]  # a mixed batch of a ragged bank
-    scores = losses.score_candidates(
+    scores = sp.score_candidates(
         TINY,
         params,
         bank,
@@ -94,6 +112,47 @@ def test_score_candidates_equals_each_candidate_scored_alone(params, bank):
     pairs = [(x, c) for x, each in zip(inputs, candidates) for c in each]
     expected = reference_scores(params, bank, pairs, np.repeat(ids, 3))
     np.testing.assert_allclose(np.asarray(scores).ravel(), expected, rtol=0, atol=1e-5)
+
+
+def test_score_candidates_of_a_t5_prefix_equal_its_rows_scored_one_by_one(params):
+    prefix = t5_prefixes.init_t5_prefix(TINY, 3, mode="peft")
+    rng = np.random.default_rng(7)
+    inputs = padded([random_ids(rng, n) for n in (7, 3)], LENGTH)
+    candidates = np.stack([padded([random_ids(rng, n) for n in (2, 4)], TARGETS)] * 2)
+    scores = sp.score_candidates(TINY, params, prefix, inputs, candidates)
+    targets = candidates.reshape(4, TARGETS)
+    rows = batching.t5x_features(
+        np.repeat(inputs, 2, axis=0),
+        targets,
+        None,
+        inputs_length=LENGTH,
+        targets_length=TARGETS,
+        batch_size=4,
+    )
+    expected = losses.score_batch(TINY, params, prefix, rows)
+    np.testing.assert_allclose(np.asarray(scores).ravel(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(sp.errors.SoftpromptError, match=r"candidates \(4, 4\)$"):
+        sp.score_candidates(TINY, params, prefix, inputs, targets)
+
+
+def test_t5x_features_are_seqios_unpacked_features():
+    examples = [
+        {"inputs": np.asarray([5, 6, 7, 1]), "targets": np.asarray([8, 9, 1])},
+        {"inputs": np.asarray([10, 11, 12, 13, 14, 15, 1]), "targets": np.asarray([3, 1])},
+    ]
+    lengths = {"inputs": 8, "targets": 4}
+    expected, _ = next(evaluation.t5x_batches(examples, lengths, batch_size=3))
+    features = batching.t5x_features(
+        [ex["inputs"] for ex in examples],
+        [ex["targets"] for ex in examples],
+        None,
+        inputs_length=8,
+        targets_length=4,
+        batch_size=3,
+    )
+    assert features.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(features[name], array, err_msg=name)
 
 
 def test_a_batch_sharing_its_inputs_scores_as_before_with_fewer_encoder_rows(params, bank):
@@ -141,14 +200,14 @@ def test_candidate_scores_in_buckets_equal_each_scored_alone_in_order(params, ba
     candidates = [[random_ids(rng, 4 - k % 2) for k in range(2 + i % 2)] for i in range(5)]
     ids = [1, 0, 2, 2, 1]
     shapes = []
-    score_batch = losses.score_batch
+    score_candidates = inference.score_candidates
 
-    def recording(cfg, params, prompt, batch, prompt_ids=None):
-        shapes.append((batch["encoder_input_tokens"].shape, batch["decoder_target_tokens"].shape))
-        return score_batch(cfg, params, prompt, batch, prompt_ids)
+    def recording(cfg, params, prompt, inputs, candidates, prompt_ids=None):
+        shapes.append((inputs.shape, candidates.shape))
+        return score_candidates(cfg, params, prompt, inputs, candidates, prompt_ids)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(inference, "score_batch", recording)  # records each compiled shape
+        patch.setattr(inference, "score_candidates", recording)  # records each batch's shape
         scores = inference.candidate_scores(
             TINY, params, bank, inputs, candidates, ids, batch_size=8, length_buckets=4
         )
@@ -158,8 +217,14 @@ def test_candidate_scores_in_buckets_equal_each_scored_alone_in_order(params, ba
     )
     assert [len(each) for each in scores] == [len(each) for each in candidates]
     np.testing.assert_allclose(np.concatenate(scores), expected, rtol=0, atol=1e-5)
-    # One batch per bucket (32 and 64), each encoding only its distinct inputs (2 and 3).
-    assert sorted(encoder for encoder, _ in shapes) == [(2, 32), (3, LENGTH)]
+    # Batches of 8 // 3 = 2 inputs with all their (up to 3) candidates, in buckets 32 and 64.
+    assert sorted(shapes) == [((2, 32), (2, 3, 4))] + [((2, LENGTH), (2, 3, 4))] * 2
+    with lowerings() as lowered:  # the same call again reuses every compiled program
+        again = inference.candidate_scores(
+            TINY, params, bank, inputs, candidates, ids, batch_size=8, length_buckets=4
+        )
+    assert lowered == []
+    np.testing.assert_array_equal(np.concatenate(again), np.concatenate(scores))
 
 
 def test_bucketed_infer_keeps_the_input_order_and_the_predictions(params, bank):
@@ -258,6 +323,9 @@ def test_bucketed_eval_of_mixed_tasks_gives_the_same_metrics(params, bank, eval_
         length_buckets=buckets,
     )
     bucketed, whole = evaluate(4), evaluate(1)
+    with lowerings() as lowered:  # the next in-training eval reuses every compiled program
+        assert evaluate(4) == bucketed
+    assert lowered == []
     assert bucketed.keys() == whole.keys() == set(eval_tasks)
     for task in eval_tasks:
         assert bucketed[task].keys() == whole[task].keys()

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from softprompt_jax import inference, losses
+from softprompt_jax import batching, inference, losses
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.prompt_bank import PaddedBank
 from softprompt_jax.serving.registry import Snapshot
@@ -185,11 +185,8 @@ class Engine:
             return []
         size = bucket(self.shapes.batch_sizes, len(works))
         length = bucket(self.shapes.input_lengths, max(len(w.tokens) for w in works))
-        tokens = np.zeros((size, length), np.int32)
-        for row, work in enumerate(works):
-            tokens[row, : len(work.tokens)] = work.tokens
-        prompt_ids = np.zeros([size], np.int32)
-        prompt_ids[: len(rows)] = rows
+        tokens = batching.pad_tokens([work.tokens for work in works], length, size)
+        prompt_ids = batching.padded_rows(np.asarray(rows, np.int32), size)
         if mode.score:
             scores = self._score(self.params, bank, self._score_features(tokens, prompt_ids, works))
             return [float(s) for s in np.asarray(scores)[: len(works)]]
@@ -216,16 +213,12 @@ class Engine:
         self, tokens: np.ndarray, prompt_ids: np.ndarray, works: Sequence[Work]
     ) -> dict[str, np.ndarray]:
         """T5X features to score each work's target, as seqio's `EncDecFeatureConverter`
-        (unpacked) builds them: decoder inputs are the targets shifted right after a 0."""
-        targets = np.zeros((len(tokens), self.shapes.target_length), np.int32)
-        for row, work in enumerate(works):
-            targets[row, : len(work.target)] = work.target
-        inputs = np.zeros_like(targets)
-        inputs[:, 1:] = targets[:, :-1]
-        return {
-            "encoder_input_tokens": tokens,
-            "decoder_input_tokens": inputs,
-            "decoder_target_tokens": targets,
-            "decoder_loss_weights": (targets > 0).astype(np.int32),
-            "prompt_ids": prompt_ids,
-        }
+        (unpacked) builds them (`batching.t5x_features`)."""
+        return batching.t5x_features(
+            tokens,
+            [work.target for work in works],
+            prompt_ids,
+            inputs_length=tokens.shape[1],
+            batch_size=len(tokens),
+            targets_length=self.shapes.target_length,
+        )
