@@ -278,7 +278,7 @@ def bucketed(
 def packed_example_scores(
     cfg: T5Config,
     params: Mapping[str, Any],
-    prompt: jax.Array | PromptBank,
+    prompt: jax.Array | np.ndarray | PromptBank,
     examples: Sequence[Example],
     prompt_ids: Sequence[int] | None,
     lengths: Mapping[str, int],
@@ -291,10 +291,17 @@ def packed_example_scores(
     score (`losses.packed_scores`) is mapped back to its example: `score_batches` of the same
     examples unpacked, in fewer rows.
     """
-    if is_decoder_only(cfg) or not isinstance(prompt, (PromptBank, jax.Array)):
+    if is_decoder_only(cfg):
         raise SoftpromptError(
             "PACK=True packs soft prompts on T5 (encoder-decoder) rows; "
-            "score this model or prefix with PACK=False"
+            "score this model with PACK=False"
+        )
+    if isinstance(prompt, np.ndarray):
+        prompt = jnp.asarray(prompt)
+    if not isinstance(prompt, (PromptBank, jax.Array)):
+        raise SoftpromptError(
+            "PACK=True packs soft prompts ([P, d], an [N, P, d] bank or a PromptBank); "
+            f"score this {type(prompt).__name__} with PACK=False"
         )
     if isinstance(prompt, PromptBank):
         lengths_by_id = prompt.lengths

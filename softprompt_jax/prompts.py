@@ -210,7 +210,7 @@ def prompt_slot_token(prompt_id: int) -> int:
 
 
 def fill_prompt_slots(
-    prompt: jax.Array | PromptBank,
+    prompt: jax.Array | PromptBank | PaddedBank,
     embeddings: jax.Array,
     encoder_input_tokens: jax.Array,
     segment_ids: jax.Array,
@@ -220,13 +220,13 @@ def fill_prompt_slots(
 
     `segment_ids` / `positions` `[batch, length]` are seqio's packing features (positions
     restart at 0 in every segment). A shared prompt `[P, d]` fills the first P positions of
-    every segment; a bank (`[N, P, d]`, or a `PromptBank` of any lengths) fills the first
-    `P_id` positions with prompt `id`, read from the segment's first slot token
+    every segment; a bank (`[N, P, d]`, a `PromptBank` of any lengths or a `PaddedBank`) fills
+    the first `P_id` positions with prompt `id`, read from the segment's first slot token
     (`prompt_slot_token`). A gather and a select: no Python loop under jit.
     """
-    if isinstance(prompt, PromptBank):
-        table, _ = prompt.padded()
-        lengths = jnp.asarray(prompt.lengths, jnp.int32)
+    if isinstance(prompt, (PromptBank, PaddedBank)):
+        table, mask = prompt.padded()
+        lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
     elif prompt.ndim == 2:
         table, lengths = prompt[None], jnp.asarray([prompt.shape[0]], jnp.int32)
     elif prompt.ndim == 3:
@@ -328,6 +328,15 @@ def packing_features(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array] | N
     return {name: batch[name] for name in PACKING_FEATURES}
 
 
+def check_packed_dropout(enable_dropout: bool, prompt_dropout: bool) -> None:
+    """Packed rows' prompts sit among the inputs, so dropout cannot spare them: refuse that."""
+    if enable_dropout and not prompt_dropout:
+        raise SoftpromptError(
+            "PACK=True drops the prompt rows with the inputs: set LossConfig.prompt_dropout "
+            "= True (T5X's behaviour) or LossConfig.enable_dropout = False"
+        )
+
+
 def _packed_apply(
     model: T5,
     prompt: jax.Array | PromptBank,
@@ -340,11 +349,7 @@ def _packed_apply(
     prompt_dropout: bool,
 ) -> jax.Array:
     """`prompted_apply` on packed rows: prompts in the slots, attention within segments."""
-    if enable_dropout and not prompt_dropout:
-        raise SoftpromptError(
-            "packed rows (PACK=True) drop the prompt rows with the inputs: "
-            "set LossConfig.prompt_dropout = True or turn dropout off"
-        )
+    check_packed_dropout(enable_dropout, prompt_dropout)
     embeddings = fill_prompt_slots(
         prompt,
         model.embed(encoder_input_tokens),

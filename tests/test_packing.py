@@ -20,7 +20,8 @@ from softprompt_jax.tasks.packing import packed_batches
 import softprompt_jax as sp
 from softprompt_jax import commands, prompt_eval
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.losses import LossConfig, prompt_loss, score_batch
+from softprompt_jax.losses import LossConfig, prompt_loss, score_batch, weighted_cross_entropy
+from softprompt_jax.prompt_bank import PaddedBank
 from softprompt_jax.prompt_eval import evaluate_prompt, packed_example_scores, prompted_batches
 from softprompt_jax.prompts import prompt_slot_token
 from softprompt_jax.train import data
@@ -95,6 +96,54 @@ def test_packed_loss_and_prompt_grad_equal_unpacked(params, examples):
         assert float(jnp.abs(grad).max()) > 1e-3
 
 
+def t5x_average_per_sequence(logits, targets, weights, segments, z_loss):
+    """T5X's `AVERAGE_PER_SEQUENCE` loss written out in numpy (`t5x/losses.py`).
+
+    Each sequence's (a row's, or a packed segment's) token losses times its weights, divided by
+    its weight sum (0/0 -> 0, as T5X's `nan_to_num`), summed, then divided by the sum of those
+    normalised weights: the number of sequences with weighted tokens.
+    """
+    log_z = np.log(np.exp(logits).sum(-1))
+    target_logit = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    per_token = log_z - target_logit + z_loss * log_z**2
+    total = count = 0.0
+    for row in range(len(targets)):
+        for segment in np.unique(segments[row]):
+            here = segments[row] == segment
+            weight = weights[row][here]
+            if weight.sum() > 0:
+                total += (per_token[row][here] * weight).sum() / weight.sum()
+                count += 1
+    return total / count
+
+
+def test_mean_sequences_is_t5x_average_per_sequence():
+    """Rows of 5, 1, 0 and 3 weighted tokens (fractional weights too): not the token mean."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4, 6, 11)) * np.array([1, 6, 1, 1])[:, None, None]
+    targets = rng.integers(1, 11, (4, 6))
+    weights = np.zeros((4, 6))
+    weights[0, :5] = 1
+    weights[1, :1] = 1
+    weights[3, :3] = [1.0, 0.5, 2.0]
+    rows = np.zeros((4, 6), np.int32)
+    packed = np.array([[1, 1, 2, 2, 2, 0]] * 4, np.int32)  # the same tokens as 8 segments
+    got = {}
+    for name in ("mean_tokens", "mean_sequences"):
+        args = (jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(weights))
+        got[name] = float(weighted_cross_entropy(*args, z_loss=1e-4, normalization=name)[0])
+        packed_loss, _ = weighted_cross_entropy(
+            *args, z_loss=1e-4, normalization=name, segment_ids=jnp.asarray(packed)
+        )
+        got[name + "_packed"] = float(packed_loss)
+    want = t5x_average_per_sequence(logits, targets, weights, rows, 1e-4)
+    assert got["mean_sequences"] == pytest.approx(want, rel=1e-5)
+    assert abs(got["mean_tokens"] - want) > 0.1  # the batch tells the two apart
+    want_packed = t5x_average_per_sequence(logits, targets, weights, packed, 1e-4)
+    assert got["mean_sequences_packed"] == pytest.approx(want_packed, rel=1e-5)
+    assert abs(want_packed - want) > 0.1
+
+
 def test_bank_of_different_lengths_packs_each_segment_with_its_prompt(params, examples, bank):
     ids = [i % 2 for i in range(NUM_EXAMPLES)]
     slots = [(bank.lengths[i], prompt_slot_token(i)) for i in ids]
@@ -105,6 +154,28 @@ def test_bank_of_different_lengths_packs_each_segment_with_its_prompt(params, ex
     for got, want in zip(packed_grad.prompts, grad.prompts, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert float(jnp.abs(want).max()) > 1e-3
+    # The same bank padded as a server holds it (PaddedBank): the same packed loss.
+    config = LossConfig(z_loss=1e-4, normalization="sum", enable_dropout=False)
+    served, _ = prompt_loss(PaddedBank(*bank.padded()), TINY, params, rows, config)
+    np.testing.assert_allclose(served, loss, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_array_bank_packs_and_scores_as_unpacked(params, examples):
+    """A bank given as a plain `[N, P, d]` array (numpy for the scores): packed as unpacked."""
+    stacked = np.stack(
+        [sp.init_prompt("random_uniform", 4, emb_dim=TINY.emb_dim, seed=s) for s in (2, 3)]
+    )
+    ids = [i % 2 for i in range(NUM_EXAMPLES)]
+    rows, _ = packed(examples, [(4, prompt_slot_token(i)) for i in ids])
+    batch = unpacked(examples, ids)
+    loss, grad = loss_and_grad(jnp.asarray(stacked), params, batch)
+    packed_loss, packed_grad = loss_and_grad(jnp.asarray(stacked), params, rows)
+    np.testing.assert_allclose(packed_loss, loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed_grad, grad, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(grad).max(axis=(1, 2)).min()) > 1e-3  # both prompts are used
+    got = packed_example_scores(TINY, params, stacked, examples, ids, LENGTHS, batch_size=4)
+    want = score_batch(TINY, params, jnp.asarray(stacked), batch)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_example_scores_are_each_examples_score_with_its_prompt(params, examples, bank):

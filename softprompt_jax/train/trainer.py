@@ -54,7 +54,7 @@ from softprompt_jax.partitioning import (
 )
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompt_eval import evaluate_prompt
-from softprompt_jax.prompts import init_prompt
+from softprompt_jax.prompts import check_packed_dropout, init_prompt
 from softprompt_jax.train import preflight
 from softprompt_jax.train.data import mixture_task_names, per_task_batches, train_batches
 from softprompt_jax.train.hooks import Hook, Hooks, StepInfo, StepMeter
@@ -399,11 +399,7 @@ def _packing(
         return {}
     if method != "prompt":
         raise SoftpromptError(f"PACK=True needs METHOD='prompt'; METHOD={method!r} is not packed")
-    if loss.enable_dropout and not loss.prompt_dropout:
-        raise SoftpromptError(
-            "PACK=True drops the prompt rows with the inputs: set LossConfig.prompt_dropout "
-            "= True (T5X's behaviour) or LossConfig.enable_dropout = False"
-        )
+    check_packed_dropout(loss.enable_dropout, loss.prompt_dropout)
     if prompt_names:
         return {"pack_prompt_lengths": [prompt.length] * len(prompt_names)}
     return {"pack_prompt_length": prompt.length}
