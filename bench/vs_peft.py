@@ -5,9 +5,16 @@ Hugging Face reader) and the same prompts into PEFT's `PromptTuningConfig` table
 compute the same numbers; each measurement records a check (first-step loss, greedy tokens,
 candidate scores) that says so. Measurements, per size:
 
-- `train`: one prompt-tuning step (ours: `train.train_step.make_train_step` with the paper's
-  Adafactor; PEFT: forward, backward, AdamW as in `shared/anchors/peft_anchor.py`), eager and
-  with `torch.compile` (`--peft-compile`). Loss: mean cross-entropy over target tokens (both).
+- `train`: one prompt-tuning step (ours: `train.train_step.make_train_step`; PEFT: forward,
+  backward, optimizer step as in `shared/anchors/peft_anchor.py`), eager and with
+  `torch.compile` (`--peft-compile`). Loss: mean cross-entropy over target tokens (both). The
+  same optimizer on both sides (`--optimizer`): `adamw` (default; `optax.adamw` on the prompt
+  only, `torch.optim.AdamW`, both with torch's defaults and lr 0.3, so the loss after a few
+  steps agrees too) or `adafactor` (the paper's, ours; transformers' `Adafactor` with the
+  same settings for PEFT, which factors any 2-D prompt and scales weight decay by lr, so
+  only close). Peak memory: torch's `max_memory_allocated` for PEFT; ours on GPU the device's
+  `peak_bytes_in_use` (the process's peak, both taken after the interleaved rounds), on CPU
+  (no allocator statistics) XLA's static plan of the step, labelled so in the table.
 - `generate`: greedy decoding of `--targets` new tokens, one prompt (`inference.predict_tokens`).
 - `generate_mixed`: the same batch, each quarter with its own of 4 prompts; ours is one batch
   with `prompt_ids`, PEFT four sub-batches with adapter switches (as its users must, see
@@ -47,6 +54,7 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from softprompt_jax import score_candidates
 from softprompt_jax.batching import shift_right
@@ -61,6 +69,10 @@ from softprompt_jax.train.train_step import init_train_state, make_train_step
 IMPLS = OURS, PEFT, PEFT_COMPILE = "softprompt-jax", "peft", "peft-compile"
 PEAK_FLOPS = {"gpu": 989e12}  # H100/H200 dense bf16, the anchors' figure; CPU: --peak-tflops
 NUM_PROMPTS = 4  # prompts in the mixed batch
+OPTIMIZERS = ("adamw", "adafactor")
+LEARNING_RATE = 0.3  # the paper's; AdamW otherwise with torch.optim.AdamW's defaults
+ADAMW = {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
+CHECK_STEPS = 3  # AdamW's and Adafactor's first updates are both about lr * sign(g)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +224,7 @@ class Bench:
             "decoder_target_tokens": jnp.asarray(self.targets),
             "decoder_loss_weights": jnp.ones(self.targets.shape, jnp.float32),
         }
-        tx = make_optimizer()
+        tx = our_optimizer(self.args.optimizer)
         loss_config = LossConfig(z_loss=0.0, normalization="mean_tokens", enable_dropout=False)
         state = init_train_state(jnp.asarray(self.prompts[0]), tx)
         key = jax.random.PRNGKey(0)
@@ -220,7 +232,6 @@ class Bench:
         start = time.perf_counter()
         step = jitted.lower(state, self.params, batch, key).compile()
         ours_compile_s = time.perf_counter() - start
-        memory = step.memory_analysis()
         holder = [state]
 
         def ours() -> float:
@@ -230,7 +241,7 @@ class Bench:
         self.peft.set_adapter("t0")
         self.peft.train()
         trainable = [q for q in self.peft.parameters() if q.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=0.3)
+        optimizer = peft_optimizer(self.args.optimizer, trainable)
         ids, labels = self.torch_ints(self.inputs), self.torch_ints(self.targets)
         mask = torch.ones_like(ids)
 
@@ -246,32 +257,34 @@ class Bench:
             return call
 
         calls = {OURS: ours, PEFT: peft_step(self.peft)}
+        self.torch_peak_gib(reset=True)
+        # The check: CHECK_STEPS steps each from the same prompt (later losses: the same updates).
+        start = time.perf_counter()
+        ours_losses = [ours()]
+        ours_compile_s += time.perf_counter() - start
+        ours_losses += [ours() for _ in range(CHECK_STEPS - 1)]
+        peft_losses = [calls[PEFT]() for _ in range(CHECK_STEPS)]
         if self.args.peft_compile:
             calls[PEFT_COMPILE] = peft_step(torch.compile(self.peft))
-        self.torch_peak_gib(reset=True)
         results = interleaved(calls, self.args.rounds, 0.7 * self.args.limit_s)
         peak = self.torch_peak_gib()  # PEFT eager and compiled together
-        results[OURS]["compile_s"] = ours_compile_s + results[OURS]["compile_s"]
+        results[OURS]["compile_s"] = ours_compile_s
         flops = 2 * forward_flops(cfg, p.inputs + p.prompt_length, p.targets) * p.batch
         records = self.records("train", results, p.batch, flops)
-        ours_loss, peft_loss = results[OURS]["first"], results[PEFT]["first"]
-        records[OURS]["peak_gib"] = round(
-            (
-                memory.argument_size_in_bytes
-                + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes
-            )
-            / 2**30,
-            2,
-        )
+        records[OURS]["peak_gib"], records[OURS]["peak_source"] = our_peak_gib(step)
         for name in calls:
+            records[name]["optimizer"] = self.args.optimizer
             if name != OURS:
                 records[name]["peak_gib"] = peak
         records[OURS]["check"] = {
-            "first_loss": ours_loss,
-            "peft_first_loss": peft_loss,
-            "rel_diff": abs(ours_loss - peft_loss) / abs(peft_loss),
+            "first_loss": ours_losses[0],
+            "peft_first_loss": peft_losses[0],
+            "rel_diff": abs(ours_losses[0] - peft_losses[0]) / abs(peft_losses[0]),
+            "losses": ours_losses,
+            "peft_losses": peft_losses,
+            "steps_rel_diff": max(
+                abs(a - b) / abs(b) for a, b in zip(ours_losses, peft_losses, strict=True)
+            ),
         }
         self.peft.eval()
         return records
@@ -417,6 +430,53 @@ class Bench:
             ratio = records[OURS]["ex_per_s"] / records[PEFT_COMPILE]["ex_per_s"]
             records[OURS]["vs_peft_compile"] = round(ratio, 3)
         return records
+
+
+def our_optimizer(name: str) -> optax.GradientTransformation:
+    """Ours: AdamW (torch's defaults, lr 0.3) or the paper's Adafactor, on the prompt only."""
+    if name == "adamw":
+        return make_optimizer(prompt_optimizer=optax.adamw(LEARNING_RATE, **ADAMW))
+    return make_optimizer()
+
+
+def peft_optimizer(name: str, params: list):
+    """PEFT's: `torch.optim.AdamW` as `our_optimizer`'s, or transformers' Adafactor (paper's)."""
+    import torch
+
+    if name == "adamw":
+        betas, eps, decay = (ADAMW["b1"], ADAMW["b2"]), ADAMW["eps"], ADAMW["weight_decay"]
+        return torch.optim.AdamW(params, lr=LEARNING_RATE, betas=betas, eps=eps, weight_decay=decay)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(
+        params,
+        lr=LEARNING_RATE,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
+        decay_rate=-0.8,
+        clip_threshold=1.0,
+        weight_decay=1e-5,
+    )
+
+
+def our_peak_gib(step: Any) -> tuple[float, str]:
+    """Our peak GiB and its source: the device's `peak_bytes_in_use`, else XLA's static plan.
+
+    The device's figure (GPU) is the process's peak so far, as torch's is; CPU devices keep no
+    allocator statistics, so there it is the compiled `step`'s arguments, outputs and temps.
+    """
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return round(stats["peak_bytes_in_use"] / 2**30, 2), "device"
+    memory = step.memory_analysis()
+    planned = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    return round(planned / 2**30, 2), "xla_plan"
 
 
 def random_params(cfg: T5Config, dtype: str) -> dict:
@@ -594,9 +654,14 @@ def table(records: list[dict]) -> str:
                 if single:
                     ratio += f"; {ours['ex_per_s'] / single['ex_per_s']:.2f}x our 1-prompt"
             peaks = " / ".join(_num(r.get("peak_gib")) for r in (ours, peft))
+            if ours.get("peak_source") == "xla_plan":
+                peaks += " (ours: XLA plan)"
+            name = MEASURE_NAMES[measure]
+            if "optimizer" in ours:
+                name += f", {ours['optimizer']}"
             cells = [
                 size,
-                MEASURE_NAMES[measure],
+                name,
                 _num(ours["ex_per_s"]),
                 _num(peft["ex_per_s"]),
                 _num(compiled["ex_per_s"]) if compiled else "-",
@@ -625,6 +690,9 @@ def _num(value: float | None) -> str:
 
 def _check(check: dict) -> str:
     """What shows both computed the same thing, in a few characters."""
+    if "steps_rel_diff" in check:
+        first, steps = check["rel_diff"], check["steps_rel_diff"]
+        return f"loss rel. diff {first:.1e}, over {CHECK_STEPS} steps {steps:.1e}"
     if "rel_diff" in check:
         return f"loss rel. diff {check['rel_diff']:.1e}"
     if "tokens_equal_peft" in check:
@@ -646,7 +714,12 @@ def run(args: argparse.Namespace) -> int:
         records.append(entry)
         emit(entry, out)
 
-    settings = {"mode": args.mode, "one_core": args.one_core, "attention_impl": args.attention_impl}
+    settings = {
+        "mode": args.mode,
+        "one_core": args.one_core,
+        "attention_impl": args.attention_impl,
+        "optimizer": args.optimizer,
+    }
     record({**machine(), **settings, **dataclasses.asdict(protocol), "sizes": args.sizes})
     for size in args.sizes or protocol.sizes:
         try:
@@ -689,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation")
     parser.add_argument("--limit-s", type=float, default=300, help="seconds per measurement")
     parser.add_argument("--peft-compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="adamw", help="train step, both sides"
+    )
     parser.add_argument("--candidates", type=int, default=3, help="per input, for scoring")
     parser.add_argument(
         "--attention-impl", default="einsum", help="ours: einsum, fused or cudnn (T5Config)"

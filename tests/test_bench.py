@@ -116,6 +116,11 @@ def test_tiny_run_agrees_with_peft_and_writes_its_table():
     )
     # Same weights, same prompts: the same loss, greedy tokens and candidate scores.
     assert ours["train"]["check"]["rel_diff"] < 1e-5
+    # The same optimizer (AdamW) on both sides: the losses after its updates agree too.
+    assert {r["optimizer"] for r in records if r.get("measure") == "train"} == {"adamw"}
+    assert ours["train"]["check"]["steps_rel_diff"] < 1e-4
+    # No allocator statistics on CPU: our peak is XLA's plan, and the table says so.
+    assert ours["train"]["peak_source"] == "xla_plan" and ours["train"]["peak_gib"] is not None
     assert ours["generate"]["check"]["tokens_equal_peft"] == 1.0
     assert ours["generate_mixed"]["check"]["tokens_equal_peft"] == 1.0
     assert ours["score"]["check"]["max_abs_diff_peft"] < 1e-4
@@ -126,7 +131,8 @@ def test_tiny_run_agrees_with_peft_and_writes_its_table():
         text=True,
         timeout=60,
     ).stdout
-    assert table.splitlines()[2].startswith("| tiny | train step |")
+    assert table.splitlines()[2].startswith("| tiny | train step, adamw |")
+    assert "(ours: XLA plan)" in table.splitlines()[2]
 
 
 def test_forward_flops_counts_what_xla_counts():
