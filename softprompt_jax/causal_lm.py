@@ -159,14 +159,6 @@ def lm_loss(
     return jnp.sum(token_loss * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def lm_loss_and_grad(
-    cfg: DecoderOnlyConfig, params: Mapping[str, Any], prompt: Prompt, batch: Batch
-) -> tuple[jax.Array, Prompt]:
-    """`(loss, d loss / d prompt)`; the gradient has the prompt's (or prefix's) structure."""
-    return jax.value_and_grad(lm_loss)(prompt, cfg, params, batch)
-
-
 def _check_batch(batch: Batch) -> None:
     missing = sorted({"input_ids", "attention_mask", "labels"} - set(batch))
     if missing:

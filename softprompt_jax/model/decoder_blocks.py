@@ -2,8 +2,8 @@
 
 Causal self-attention with grouped-query heads, optional RoPE, per-layer key/value
 prefixes (prefix tuning, P-tuning v2) and a decode cache written at an explicit index;
-the attention mask over `[prefix; keys]`; and the layer stack, per layer (`layers_N`) or
-scanned, with remat, as T5's. Every parameter and large activation has logical axis names.
+the attention mask over `[prefix; keys]`. The layer stack is `scan.run_layers`, as T5's.
+Every parameter and large activation has logical axis names.
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softprompt_jax.model.decoder_config import DecoderOnlyConfig
 from softprompt_jax.model.layers import MASK_BIAS, constrain
 
-_REMAT_POLICIES = {
-    "full": None,
-    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 _init = nn.initializers.normal(0.02)
 
 
@@ -211,46 +206,3 @@ class CausalSelfAttention(nn.Module):
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
         return cached_key.value, cached_value.value
-
-
-def run_layers(
-    layer_cls: type[nn.Module],
-    cfg: DecoderOnlyConfig,
-    x: jax.Array,
-    bias: jax.Array,
-    positions: jax.Array,
-    prefix: tuple[jax.Array, jax.Array] | None,
-    cache_index: jax.Array | int,
-    **layer_kwargs,
-) -> jax.Array:
-    """`cfg.num_layers` layers as `layers_N` modules or one scanned `layers` stack (as T5's).
-
-    `prefix` holds every layer's keys and values `[layers, batch or 1, P, kv_heads, head_dim]`;
-    layer `i` gets row `i` (scanned over, in the stack).
-    """
-    if cfg.remat_policy != "none":
-        layer_cls = nn.remat(
-            layer_cls,
-            policy=_REMAT_POLICIES[cfg.remat_policy],
-            prevent_cse=not cfg.scan_layers,
-        )
-    if cfg.scan_layers:
-        stack = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0 if prefix is not None else nn.broadcast)
-            + (nn.broadcast,),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = stack(config=cfg, scanned=True, name="layers", **layer_kwargs)(
-            x, bias, positions, prefix, cache_index
-        )
-        return x
-    for i in range(cfg.num_layers):
-        layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
-        x = layer_cls(config=cfg, name=f"layers_{i}", **layer_kwargs)(
-            x, bias, positions, layer_prefix, cache_index
-        )
-    return x

@@ -18,10 +18,10 @@ from softprompt_jax.model.decoder_blocks import (
     LayerNorm,
     Linear,
     attention_bias,
-    run_layers,
 )
 from softprompt_jax.model.decoder_config import GPT2Config
 from softprompt_jax.model.layers import Embed, constrain
+from softprompt_jax.model.scan import run_layers
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -47,7 +47,7 @@ class GPT2Layer(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, positions, prefix, cache_index):
+    def __call__(self, x, bias, positions, cache_index, prefix=None):
         cfg = self.config
         norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name=name)
         h = CausalSelfAttention(
@@ -80,7 +80,17 @@ class GPT2Decoder(nn.Module):
     @nn.compact
     def __call__(self, x, bias, positions, prefix, cache_index, decode: bool) -> jax.Array:
         cfg = self.config
-        x = run_layers(GPT2Layer, cfg, x, bias, positions, prefix, cache_index, decode=decode)
+        x = run_layers(
+            GPT2Layer,
+            cfg.num_layers,
+            x,
+            bias,
+            positions,
+            cache_index,
+            per_layer=prefix,
+            config=cfg,
+            decode=decode,
+        )
         return LayerNorm(cfg.layer_norm_epsilon, cfg.compute_dtype, name="decoder_norm")(x)
 
 

@@ -17,10 +17,10 @@ from softprompt_jax.model.decoder_blocks import (
     Linear,
     attention_bias,
     rope_frequencies,
-    run_layers,
 )
 from softprompt_jax.model.decoder_config import LlamaConfig
 from softprompt_jax.model.layers import Embed, RMSNorm, constrain
+from softprompt_jax.model.scan import run_layers
 
 
 class SwiGLU(nn.Module):
@@ -42,7 +42,7 @@ class LlamaLayer(nn.Module):
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, bias, positions, prefix, cache_index):
+    def __call__(self, x, bias, positions, cache_index, prefix=None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name=name)
         h = CausalSelfAttention(
@@ -84,7 +84,17 @@ class LlamaDecoder(nn.Module):
     @nn.compact
     def __call__(self, x, bias, positions, prefix, cache_index, decode: bool) -> jax.Array:
         cfg = self.config
-        x = run_layers(LlamaLayer, cfg, x, bias, positions, prefix, cache_index, decode=decode)
+        x = run_layers(
+            LlamaLayer,
+            cfg.num_layers,
+            x,
+            bias,
+            positions,
+            cache_index,
+            per_layer=prefix,
+            config=cfg,
+            decode=decode,
+        )
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="decoder_norm")(x)
         if cfg.tie_word_embeddings:
             return self.shared_embedding.attend(x)

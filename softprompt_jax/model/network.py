@@ -14,8 +14,6 @@ the segment masks are all packing needs (T5X accepts `*_positions` and ignores t
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,11 +31,7 @@ from softprompt_jax.model.layers import (
     mask_to_bias,
     segment_bias,
 )
-
-_REMAT_POLICIES = {
-    "full": None,
-    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+from softprompt_jax.model.scan import run_layers
 
 
 class EncoderLayer(nn.Module):
@@ -114,42 +108,6 @@ class DecoderLayer(nn.Module):
         return (x, None) if self.scanned else x
 
 
-def _run_layers(
-    layer_cls: type[nn.Module],
-    num_layers: int,
-    x: jax.Array,
-    *broadcast_args: jax.Array,
-    per_layer: Any = None,
-    **layer_kwargs,
-) -> jax.Array:
-    """Apply `num_layers` layers, as `layers_N` modules or one scanned `layers` stack.
-
-    `per_layer` (a tree of `[num_layers, ...]` arrays, e.g. key/value prefixes), when given,
-    is passed sliced to each layer after `broadcast_args`.
-    """
-    cfg: T5Config = layer_kwargs["config"]
-    extra = () if per_layer is None else (per_layer,)
-    if cfg.remat_policy != "none":
-        layer_cls = nn.remat(
-            layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
-        )
-    if cfg.scan_layers:
-        stack = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * len(broadcast_args) + (0,) * len(extra),
-            length=num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = stack(scanned=True, name="layers", **layer_kwargs)(x, *broadcast_args, *extra)
-        return x
-    for i in range(num_layers):
-        layer_extra = jax.tree.map(lambda a, i=i: a[i], extra)
-        x = layer_cls(name=f"layers_{i}", **layer_kwargs)(x, *broadcast_args, *layer_extra)
-    return x
-
-
 def _prefix_bias(relpos: nn.Module, length: int, prefix, bidirectional: bool) -> jax.Array:
     """Relative position bias `[1, heads, length, P + length]` with P prefix keys in front.
 
@@ -213,7 +171,7 @@ class Encoder(nn.Module):
             )
         x = dropped.astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        x = _run_layers(
+        x = run_layers(
             EncoderLayer,
             cfg.num_encoder_layers,
             x,
@@ -263,7 +221,7 @@ class Decoder(nn.Module):
             x = jnp.zeros(decoder_input_tokens.shape + (cfg.emb_dim,), cfg.compute_dtype)
             encoded = encoded.astype(cfg.compute_dtype)
             layer_args = dict(config=cfg, decode=True, init_cache=True)
-            _run_layers(DecoderLayer, cfg.num_decoder_layers, x, None, encoded, None, **layer_args)
+            run_layers(DecoderLayer, cfg.num_decoder_layers, x, None, encoded, None, **layer_args)
             return None
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
             raise ValueError("pass both encoder_segment_ids and decoder_segment_ids, or neither")
@@ -297,7 +255,7 @@ class Decoder(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
         x = self.shared_embedding(decoder_input_tokens)
         x = dropout(x, deterministic=deterministic).astype(cfg.compute_dtype)
-        x = _run_layers(
+        x = run_layers(
             DecoderLayer,
             cfg.num_decoder_layers,
             x,

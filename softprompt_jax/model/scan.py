@@ -1,16 +1,20 @@
-"""Convert params between per-layer (`layers_N`, as T5X stores them) and scanned layout.
+"""Layer stacks per layer (`layers_N`, as T5X stores them) or scanned, and their params.
 
-With `T5Config.scan_layers`, each stack holds one `layers` subtree whose leaves
-have a leading `layers` axis; checkpoints keep the unscanned names, so we
-stack on load and unstack on export. The conversion is one lazy view over flat
-params (`relayout`), so a checkpoint reader converts slice by slice.
+`run_layers` applies a stack of layers (T5's encoder and decoder, the decoder-only
+networks) with remat, as `layers_N` modules or, with the config's `scan_layers`, one
+`layers` module scanned over a leading `layers` axis. Checkpoints keep the unscanned
+names, so we stack on load and unstack on export; the conversion is one lazy view over
+flat params (`relayout`), so a checkpoint reader converts slice by slice.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -18,9 +22,50 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from softprompt_jax.errors import SoftpromptError
 
 _STACKS = ("encoder", "decoder")
+REMAT_POLICIES = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 Index = tuple[slice, ...]
 Read = Callable[[str, Index], np.ndarray]  # ('/'-path, slice of it) -> array
+
+
+def run_layers(
+    layer_cls: type[nn.Module],
+    num_layers: int,
+    x: jax.Array,
+    *broadcast_args: Any,
+    per_layer: Any = None,
+    **layer_kwargs: Any,
+) -> jax.Array:
+    """Apply `num_layers` layers, as `layers_N` modules or one scanned `layers` stack.
+
+    `layer_kwargs["config"]` sets `remat_policy` and `scan_layers`. Every layer gets `x` and
+    `broadcast_args`, then `per_layer` (a tree of `[num_layers, ...]` arrays, e.g. key/value
+    prefixes) sliced to its row when given; a scanned layer returns `(x, None)`.
+    """
+    cfg = layer_kwargs["config"]
+    extra = () if per_layer is None else (per_layer,)
+    if cfg.remat_policy != "none":
+        layer_cls = nn.remat(
+            layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+        )
+    if cfg.scan_layers:
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(broadcast_args) + (0,) * len(extra),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(scanned=True, name="layers", **layer_kwargs)(x, *broadcast_args, *extra)
+        return x
+    for i in range(num_layers):
+        layer_extra = jax.tree.map(lambda a, i=i: a[i], extra)
+        x = layer_cls(name=f"layers_{i}", **layer_kwargs)(x, *broadcast_args, *layer_extra)
+    return x
 
 
 def is_scanned(keys: Iterable[str]) -> bool:
