@@ -23,14 +23,18 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, TINY, started_subprocesses
 from softprompt_jax.tasks import demo
+from tiny_decoders import save_tiny
 
 import softprompt_jax as sp
 from softprompt_jax import cli, commands
+from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.inference import ids_to_texts, predict_tokens
+from softprompt_jax.serving.app import allowed_path
 from softprompt_jax.serving.batcher import Batcher
 from softprompt_jax.serving.config import ServeConfig
 from softprompt_jax.serving.engine import SCORE, Engine, Mode, Shapes, Work
 from softprompt_jax.serving.registry import PromptRegistry
+from softprompt_jax.serving.requests import RequestError
 from softprompt_jax.serving.server import ServerThread, build_service
 
 spec = importlib.util.spec_from_file_location("serve_load", REPO_ROOT / "bench" / "serve_load.py")
@@ -41,7 +45,7 @@ LENGTHS = serve_load.FEATURE_LENGTHS  # inputs 16 (longer ones are cut), targets
 TASK = serve_load.TASK
 PROMPT_LENGTHS = {"a": 3, "b": 4, "c": 5}
 MAX_PROMPT_LENGTH = 6
-SETTINGS = dict(  # 1 batch size x 2 input lengths x (greedy + scoring) = 4 programs
+SETTINGS = dict(  # 1 batch size x 2 input lengths x (greedy + 2 scoring encoder rows) = 6
     feature_lengths=LENGTHS,
     task=TASK,
     dtype="float32",
@@ -53,7 +57,7 @@ SETTINGS = dict(  # 1 batch size x 2 input lengths x (greedy + scoring) = 4 prog
     max_request_bytes=4096,
     max_wait_ms=20.0,
 )
-PROGRAMS = 4
+PROGRAMS = 6
 INPUTS = ["hello", "abc def", "a much longer input than sixteen bytes", ""]
 NOT_CUT = {"truncated": False, "truncated_inputs": []}
 
@@ -71,11 +75,20 @@ def prompt_files(tmp_path_factory) -> dict[str, str]:
     }
 
 
+def prompt_dir(prompt_files: dict[str, str]) -> Path:
+    """SERVE_PROMPT_DIR of the shared server: the prompt files' folder."""
+    return Path(prompt_files["a"]).parent
+
+
 @pytest.fixture(scope="module")
 def server(frozen_model, prompt_files):
-    service = build_service(
-        ServeConfig(checkpoint_path=str(frozen_model), prompts=prompt_files, **SETTINGS)
+    config = ServeConfig(
+        checkpoint_path=str(frozen_model),
+        prompts=prompt_files,
+        prompt_dir=str(prompt_dir(prompt_files)),
+        **SETTINGS,
     )
+    service = build_service(config)
     running = ServerThread(service)
     yield running
     running.stop()
@@ -169,7 +182,7 @@ def test_load_mixing_prompts_compiles_nothing_after_warm_up(
     assert result["mean_batch_size"] > 1  # rows of concurrent requests shared batches
 
 
-def test_prompts_change_live_without_recompiling(server, frozen_model, tmp_path):
+def test_prompts_change_live_without_recompiling(server, frozen_model, prompt_files):
     params = sp.init_params(TINY, 0)
     tokens = np.asarray([list(demo.VOCABULARY.encode("hello")) + [1]], np.int32)
     first, second = prompt_array(10, 2), prompt_array(11, MAX_PROMPT_LENGTH)
@@ -189,7 +202,7 @@ def test_prompts_change_live_without_recompiling(server, frozen_model, tmp_path)
     status, added = call(server.url, "POST", "/v1/prompts", {"name": "d", "prompt": first.tolist()})
     assert (status, added) == (201, {"name": "d", "length": 2, "replaced": False})
     assert predict("d") == (200, {"predictions": [offline[id(first)]], **NOT_CUT})
-    path = sp.save_prompt(second, tmp_path / "second.npy")
+    path = sp.save_prompt(second, prompt_dir(prompt_files) / "second.npy")
     assert call(server.url, "POST", "/v1/prompts", {"name": "d", "path": str(path)})[0] == 200
     assert predict("d") == (200, {"predictions": [offline[id(second)]], **NOT_CUT})
     status, listed = call(server.url, "GET", "/v1/prompts")
@@ -202,13 +215,117 @@ def test_prompts_change_live_without_recompiling(server, frozen_model, tmp_path)
     assert (
         status == 400 and error["field"] == "prompt" and "SERVE_MAX_PROMPT_LENGTH" in error["error"]
     )
-    status, error = call(server.url, "POST", "/v1/prompts", {"name": "d", "path": "/no/such.npy"})
+    status, error = call(server.url, "POST", "/v1/prompts", {"name": "d", "path": "no/such.npy"})
     assert status == 400 and error["field"] == "path"
+    assert str(prompt_dir(prompt_files)) not in error["error"]  # names the client's path only
     assert call(server.url, "DELETE", "/v1/prompts/d") == (200, {"deleted": "d"})
     assert predict("d")[0] == 404
     assert call(server.url, "DELETE", "/v1/prompts/d")[0] == 404
     assert predict("a")[0] == 200
     assert metric(server, "softprompt_xla_compiles") == compiles
+
+
+def test_prompt_paths_are_read_only_inside_serve_prompt_dir(server, prompt_files, tmp_path):
+    folder = prompt_dir(prompt_files)
+    outside = sp.save_prompt(prompt_array(5, 2), tmp_path / "outside.npy")
+    (folder / "link.npy").symlink_to(outside)
+    escapes = [str(outside), "../" + outside.name, f"{folder}/../{outside.name}", "link.npy"]
+    escapes += ["/etc/passwd", "gs://bucket/p.npy"]
+    for path in escapes:
+        status, error = call(server.url, "POST", "/v1/prompts", {"name": "x", "path": path})
+        assert status == 403 and error["field"] == "path", (path, error)
+    sp.save_prompt({"key": np.ones([1, 2, 2, 4]), "value": np.ones([1, 2, 2, 4])}, folder / "p.npz")
+    status, error = call(server.url, "POST", "/v1/prompts", {"name": "x", "path": "p.npz"})
+    assert status == 400 and error["field"] == "path" and "prefix" in error["error"]
+    assert call(server.url, "POST", "/v1/prompts", {"name": "x", "path": "a.npy"})[0] == 201
+    assert call(server.url, "DELETE", "/v1/prompts/x")[0] == 200
+    with pytest.raises(RequestError) as refused:  # SERVE_PROMPT_DIR unset: no path at all
+        allowed_path("a.npy", None)
+    assert refused.value.status == 403 and refused.value.field == "path"
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    body = json.dumps({"prompt": "a", "inputs": ["x", "y"]}).encode()
+    counter = 'softprompt_queue_full_total{endpoint="/v1/predict"}'
+    full = metric(server, counter)
+    server.service.batcher.max_queued = 1
+    try:
+        request = urllib.request.Request(server.url + "/v1/predict", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+    finally:
+        server.service.batcher.max_queued = SETTINGS["max_rows"]
+    assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+    assert "SERVE_MAX_QUEUED_ROWS" in json.loads(refused.value.read())["error"]
+    assert metric(server, counter) == full + 1
+    assert call(server.url, "POST", "/v1/predict", json.loads(body))[0] == 200
+
+
+def test_a_bug_finishing_a_batch_fails_that_batch_only(server):
+    batcher = server.service.batcher
+    observe, failures = batcher.on_batch, []
+
+    def fail_once(stats) -> None:
+        if not failures:
+            failures.append(stats)
+            raise RuntimeError("injected")
+        observe(stats)
+
+    batcher.on_batch = fail_once
+    try:
+        body = {"prompt": "a", "inputs": ["hello"]}
+        status, error = call(server.url, "POST", "/v1/predict", body)
+        assert status == 500 and "error" in error and failures
+        assert call(server.url, "POST", "/v1/predict", body)[0] == 200  # still batching
+    finally:
+        batcher.on_batch = observe
+
+
+def test_scoring_encodes_each_input_once_in_warmed_up_shapes():
+    registry = PromptRegistry.of(None, capacity=2, max_length=2, emb_dim=TINY.emb_dim)
+    registry.put("p", prompt_array(0, 2))
+    registry.put("q", prompt_array(1, 2))
+    engine = Engine(TINY, {}, demo.VOCABULARY, Shapes((8,), (8,), 4))
+    seen = []
+
+    def score(params, bank, features):
+        seen.append(features)
+        return np.arange(len(features["decoder_target_tokens"]), dtype=np.float32)
+
+    engine._score, engine.compiled = score, lambda: 0
+    engine._predict = lambda *args, **kwargs: np.zeros([8, 4], np.int32)
+    engine.warm_up(registry.snapshot().bank)
+    warmed = {tuple(v.shape for v in f.values()) for f in seen}
+    assert len(warmed) == 2  # encoder rows: half the batch, or all of it
+    inputs = [np.asarray([5, 6, 1]), np.asarray([7, 1]), np.asarray([5, 6, 1])]
+    works = [  # input 0's two candidates, input 1's two, input 0 again under another prompt
+        Work(SCORE, prompt, inputs[i], np.asarray([c, 1]))
+        for i, prompt, c in [(0, "p", 3), (0, "p", 4), (1, "p", 3), (1, "p", 4), (2, "q", 3)]
+    ]
+    seen.clear()
+    assert engine.run(SCORE, works, registry.snapshot()) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    (features,) = seen
+    assert tuple(v.shape for v in features.values()) in warmed
+    encoder = features["encoder_input_tokens"]
+    assert encoder.shape == (4, 8)  # 3 distinct (input, prompt) rows, padded to half of 8
+    index = features["encoder_index"][:5]
+    for work, row in zip(works, index):
+        assert list(encoder[row, : len(work.tokens)]) == list(work.tokens)
+        assert features["prompt_ids"][row] == registry.snapshot().rows[work.prompt]
+    assert len(set(index.tolist())) == 3
+
+
+def test_serve_refuses_decoder_only_models_and_prefix_prompts(frozen_model, tmp_path):
+    save_tiny("gpt2", tmp_path / "gpt2")
+    settings = dict(SETTINGS, prompts=None)
+    with pytest.raises(SoftpromptError, match="INITIAL_CHECKPOINT_PATH .*decoder-only") as error:
+        build_service(ServeConfig(checkpoint_path=str(tmp_path / "gpt2"), **settings))
+    assert "\n" not in str(error.value)
+    prefix = {"key": np.ones([1, 2, 2, 4]), "value": np.ones([1, 2, 2, 4])}
+    settings["prompts"] = {"pre": str(sp.save_prompt(prefix, tmp_path / "pre.npz"))}
+    with pytest.raises(SoftpromptError, match=r"PROMPTS\['pre'\] .*prefix") as error:
+        build_service(ServeConfig(checkpoint_path=str(frozen_model), **settings))
+    assert "\n" not in str(error.value)
 
 
 BAD_REQUESTS = [  # (path, body, status, field)

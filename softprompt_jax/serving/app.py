@@ -9,8 +9,10 @@
     GET    /healthz, GET /metrics (Prometheus text format)
 
 Every error is a JSON object `{"error": ..., "field"?: ...}` with its status: 400 for a
-malformed body or a wrong field, 404 for an unknown prompt or route, 409 for a full bank,
-413 for a request over the size limits, 500 for a bug (logged; the server goes on).
+malformed body or a wrong field, 403 for a prompt `path` outside SERVE_PROMPT_DIR (or any
+path when it is unset), 404 for an unknown prompt or route, 409 for a full bank, 413 for a
+request over the size limits, 503 with `Retry-After` when SERVE_MAX_QUEUED_ROWS rows are
+queued, 500 for a bug (logged; the server goes on).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,13 +31,14 @@ from aiohttp import web
 from softprompt_jax.checkpoints.prompt_files import load_prompt
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.serving import requests
-from softprompt_jax.serving.batcher import Batcher
+from softprompt_jax.serving.batcher import Batcher, QueueFull
 from softprompt_jax.serving.engine import PromptGone
 from softprompt_jax.serving.metrics import CONTENT_TYPE, ServeMetrics
 from softprompt_jax.serving.registry import BankFull, PromptRegistry
 from softprompt_jax.serving.requests import RequestError
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_SECONDS = 1  # a full queue drains within a few batches
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -48,6 +52,7 @@ class Service:
     metrics: ServeMetrics
     programs: int  # compiled at warm-up
     max_request_bytes: int  # a longer body gets 413
+    prompt_dir: str | None = None  # POST /v1/prompts reads paths only inside it (None: none)
 
 
 def make_app(service: Service) -> web.Application:
@@ -79,6 +84,13 @@ def _errors_and_metrics(metrics: ServeMetrics):
             response = await handler(request)
         except RequestError as error:
             response = web.json_response(error.body(), status=error.status)
+        except QueueFull as error:
+            metrics.queue_full.labels(endpoint).inc()
+            response = web.json_response(
+                {"error": str(error)},
+                status=503,
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         except web.HTTPException as error:  # aiohttp's own: no route, wrong method, too large
             message = error.reason if error.status != 413 else error.text
             response = web.json_response({"error": message}, status=error.status)
@@ -123,10 +135,18 @@ class _Api:
     async def put_prompt(self, request: web.Request) -> web.Response:
         name, path, array = requests.prompt_update(await request.read())
         if path is not None:
+            real = allowed_path(path, self.service.prompt_dir)
             try:
-                array = await asyncio.to_thread(load_prompt, path)
-            except SoftpromptError as error:
-                raise RequestError(400, str(error), "path") from error
+                array = await asyncio.to_thread(load_prompt, real)
+            except SoftpromptError as error:  # naming the client's path, not the real one
+                raise RequestError(400, str(error).replace(real, path), "path") from error
+            if isinstance(array, Mapping):
+                raise RequestError(
+                    400,
+                    f"{path} holds a prefix (key/value per layer); the server serves soft "
+                    "prompts [length, emb_dim] (.npy, PEFT PROMPT_TUNING dir, official file)",
+                    "path",
+                )
         try:
             replaced = self.service.registry.put(name, np.asarray(array))
         except BankFull as error:
@@ -154,6 +174,23 @@ class _Api:
         response = web.Response(body=self.service.metrics.render())
         response.headers["Content-Type"] = CONTENT_TYPE
         return response
+
+
+def allowed_path(path: str, prompt_dir: str | None) -> str:
+    """`path` (relative to `prompt_dir`, or absolute) as a real path inside `prompt_dir`;
+    403 naming "path" if it is unset or the path (after `..` and symlinks) leaves it."""
+    if prompt_dir is None:
+        raise RequestError(
+            403,
+            "this server reads no prompt files (SERVE_PROMPT_DIR is unset); send the "
+            'array as "prompt"',
+            "path",
+        )
+    root = os.path.realpath(prompt_dir)
+    real = os.path.realpath(os.path.join(root, path))
+    if "://" in path or os.path.commonpath([root, real]) != root:
+        raise RequestError(403, f"{path!r} is not inside SERVE_PROMPT_DIR", "path")
+    return real
 
 
 def _checked(results: list[Any]) -> list[Any]:

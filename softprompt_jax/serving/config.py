@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 
 from softprompt_jax.errors import SoftpromptError
@@ -23,7 +24,9 @@ class ServeConfig:
     `input_lengths` (None: the inputs length, its half and its quarter) and `batch_sizes`
     are the compiled buckets; `temperatures` and `num_beams` the decode modes compiled.
     A batch forms within `max_wait_ms` of its oldest request, mixing prompts unless
-    `mix_prompts` is False (then one prompt per batch, for comparison).
+    `mix_prompts` is False (then one prompt per batch, for comparison). At most
+    `max_queued_rows` rows wait (more: 503). `POST /v1/prompts` reads `path`s only inside
+    `prompt_dir` (None: never).
     """
 
     checkpoint_path: str
@@ -40,6 +43,8 @@ class ServeConfig:
     max_prompt_length: int | None = None
     max_rows: int = 256
     max_request_bytes: int = 1 << 20
+    max_queued_rows: int = 4096
+    prompt_dir: str | None = None
     temperatures: Sequence[float] = (0.0,)
     num_beams: Sequence[int] = (1,)
     alpha: float = 0.6
@@ -76,8 +81,18 @@ class ServeConfig:
             (self.max_prompts, "SERVE_MAX_PROMPTS"),
             (self.max_rows, "SERVE_MAX_ROWS"),
             (self.max_request_bytes, "SERVE_MAX_REQUEST_BYTES"),
+            (self.max_queued_rows, "SERVE_MAX_QUEUED_ROWS"),
         ]:
             _positive_ints([value], name)
+        if self.max_queued_rows < self.max_rows:
+            raise SoftpromptError(
+                f"SERVE_MAX_QUEUED_ROWS {self.max_queued_rows} must be at least SERVE_MAX_ROWS "
+                f"{self.max_rows}: a request of SERVE_MAX_ROWS rows must fit in the queue"
+            )
+        if self.prompt_dir is not None and not os.path.isdir(self.prompt_dir):
+            raise SoftpromptError(
+                f"SERVE_PROMPT_DIR {self.prompt_dir}: not a local directory (None: refuse paths)"
+            )
         if self.max_prompt_length is not None:
             _positive_ints([self.max_prompt_length], "SERVE_MAX_PROMPT_LENGTH")
         if isinstance(self.max_wait_ms, bool) or not self.max_wait_ms >= 0:

@@ -2,9 +2,12 @@
 
 Every batch is padded to one of a few fixed shapes (`Shapes`): a batch size and an input
 length from small sets, the decode length, and the bank's fixed capacity. All of them are
-compiled at start-up (`Engine.warm_up`), so no request compiles anything afterwards:
-`len(batch_sizes) * len(input_lengths) * (len(decode_modes) + 1)` programs, the `+ 1` for
-scoring. The programs call the offline path's public functions
+compiled at start-up (`Engine.warm_up`), so no request compiles anything afterwards.
+Scoring encodes each distinct (input, prompt) of a batch once (`batching.share_encoder_rows`:
+one input's candidates share its encoder row), padded to a fixed number of encoder rows per
+batch size (`Shapes.encoder_rows`: half the batch, or all of it). So there are
+`len(input_lengths) * sum(len(decode_modes) + len(encoder_rows(b)) for b in batch_sizes)`
+programs. The programs call the offline path's public functions
 (`inference.predict_tokens`, `losses.score_batch`) with the bank and the frozen weights as
 arguments, so their outputs are those of `infer`.
 """
@@ -80,11 +83,19 @@ class Shapes:
     def max_input_length(self) -> int:
         return self.input_lengths[-1]
 
+    @staticmethod
+    def encoder_rows(batch_size: int) -> tuple[int, ...]:
+        """The encoder row counts compiled to score a batch of `batch_size` rows: half of it
+        (two or more candidates per input) or all of it."""
+        return tuple(sorted({-(-batch_size // 2), batch_size}))
+
     @property
     def programs(self) -> int:
         """How many programs `Engine.warm_up` compiles."""
-        modes = len(self.decode_modes) + 1
-        return len(self.batch_sizes) * len(self.input_lengths) * modes
+        per_length = sum(
+            len(self.decode_modes) + len(self.encoder_rows(b)) for b in self.batch_sizes
+        )
+        return len(self.input_lengths) * per_length
 
 
 def bucket(sizes: Sequence[int], needed: int) -> int:
@@ -146,11 +157,16 @@ class Engine:
     def warm_up(self, bank: PaddedBank) -> int:
         """Compile every program of `shapes` (on all-padding batches); returns their number."""
         empty = np.zeros([0], np.int32)
-        for mode in (*self.shapes.decode_modes, SCORE):
-            for size in self.shapes.batch_sizes:
-                for length in self.shapes.input_lengths:
-                    work = Work(mode, "", np.zeros([length], np.int32), empty, 1)
-                    self._compute(mode, [work] * size, bank, [0] * size)
+        for size in self.shapes.batch_sizes:
+            for length in self.shapes.input_lengths:
+                works = [Work(Mode(), "", np.zeros([length], np.int32), empty, 1)] * size
+                for mode in self.shapes.decode_modes:
+                    self._compute(mode, works, bank, [0] * size)
+                tokens = np.zeros((size, length), np.int32)
+                features = self._score_features(tokens, np.zeros([size], np.int32), works)
+                features = batching.share_encoder_rows(features)  # all padding: fewest rows
+                for rows in self.shapes.encoder_rows(size):
+                    self._score(self.params, bank, _encoder_rows(features, rows))
         return self.compiled()
 
     def run(self, mode: Mode, works: Sequence[Work], snapshot: Snapshot) -> list[Any]:
@@ -188,7 +204,10 @@ class Engine:
         tokens = batching.pad_tokens([work.tokens for work in works], length, size)
         prompt_ids = batching.padded_rows(np.asarray(rows, np.int32), size)
         if mode.score:
-            scores = self._score(self.params, bank, self._score_features(tokens, prompt_ids, works))
+            shared = batching.share_encoder_rows(self._score_features(tokens, prompt_ids, works))
+            needed = len(shared["encoder_input_tokens"])
+            features = _encoder_rows(shared, bucket(self.shapes.encoder_rows(size), needed))
+            scores = self._score(self.params, bank, features)
             return [float(s) for s in np.asarray(scores)[: len(works)]]
         self._batches += 1
         rng = np.asarray([self.seed, self._batches], np.uint32)  # a raw PRNG key
@@ -222,3 +241,16 @@ class Engine:
             batch_size=len(tokens),
             targets_length=self.shapes.target_length,
         )
+
+
+def _encoder_rows(features: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Score features with exactly `rows` encoder rows (zero rows appended) and an
+    `encoder_index` (each row its own when nothing was shared): one program per count."""
+    tokens, ids = features["encoder_input_tokens"], features["prompt_ids"]
+    index = features.get("encoder_index", np.arange(len(tokens), dtype=np.int32))
+    return {
+        **features,
+        "encoder_input_tokens": batching.padded_rows(tokens, rows),
+        "prompt_ids": batching.padded_rows(ids, rows),
+        "encoder_index": np.asarray(index, np.int32),
+    }

@@ -55,7 +55,8 @@ class _Rate:
 
 
 class ServeMetrics:
-    """Requests, errors, latency, batch sizes, queue time, examples/s, compiles, prompts."""
+    """Requests, errors, latency, batch sizes, queue time and length, requests refused for a
+    full queue, examples/s, compiles, prompts."""
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class ServeMetrics:
         compiles: CompileCounter,
         programs: int,
         prompts: Callable[[], int],
+        queued_rows: Callable[[], int],
     ) -> None:
         self.registry = registry = CollectorRegistry()
         by_endpoint = ["endpoint", "status"]
@@ -99,6 +101,15 @@ class ServeMetrics:
             "compute time of one batch",
             buckets=LATENCY_BUCKETS,
             registry=registry,
+        )
+        self.queue_full = Counter(
+            "softprompt_queue_full",
+            "requests refused with 503 because SERVE_MAX_QUEUED_ROWS rows were queued",
+            ["endpoint"],
+            registry=registry,
+        )
+        Gauge("softprompt_queued_rows", "rows waiting for a batch", registry=registry).set_function(
+            queued_rows
         )
         self.examples = Counter(
             "softprompt_examples",

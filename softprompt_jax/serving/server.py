@@ -20,7 +20,10 @@ import seqio
 from aiohttp import web
 
 from softprompt_jax.checkpoints.pretrained import load_pretrained
+from softprompt_jax.checkpoints.prompt_files import load_prompt
+from softprompt_jax.checkpoints.reader import open_pretrained
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.serving.app import Service, make_app
 from softprompt_jax.serving.batcher import Batcher
@@ -69,6 +72,7 @@ def build_service(config: ServeConfig) -> Service:
     max_length = config.max_prompt_length or (
         max(bank.lengths) if bank is not None else DEFAULT_MAX_PROMPT_LENGTH
     )
+    _check_encoder_decoder(config.checkpoint_path)
     cfg, params = load_pretrained(config.checkpoint_path, dtype=config.dtype)
     registry = PromptRegistry.of(bank, config.max_prompts, max_length, cfg.emb_dim)
     engine = Engine(
@@ -83,16 +87,31 @@ def build_service(config: ServeConfig) -> Service:
         f"{len(shapes.decode_modes)} decode mode(s) + scoring)",
         flush=True,
     )
-    metrics = ServeMetrics(shapes.batch_sizes, compiles, programs, lambda: len(registry.lengths()))
     batcher = Batcher(
         lambda mode, works: engine.run(mode, works, registry.snapshot()),
         max_batch=shapes.max_batch,
         max_wait=config.max_wait_ms / 1000,
         mix_prompts=config.mix_prompts,
-        on_batch=metrics.observe_batch,
+        max_queued=config.max_queued_rows,
     )
+    metrics = ServeMetrics(
+        shapes.batch_sizes,
+        compiles,
+        programs,
+        lambda: len(registry.lengths()),
+        batcher.queued_rows,
+    )
+    batcher.on_batch = metrics.observe_batch
     parser = Parser(features["inputs"], features["targets"], shapes, config.max_rows)
-    return Service(registry, batcher, parser, metrics, programs, config.max_request_bytes)
+    return Service(
+        registry,
+        batcher,
+        parser,
+        metrics,
+        programs,
+        config.max_request_bytes,
+        config.prompt_dir,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -141,6 +160,7 @@ class ServerThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self.port = 0
+        self.service = service
 
         sock = bind(host, port)
 
@@ -165,6 +185,17 @@ class ServerThread:
         """Stop accepting, answer the requests in flight, and end the thread."""
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=60)
+
+
+def _check_encoder_decoder(path: str) -> None:
+    """Refuse a decoder-only checkpoint (GPT-2, Llama) before its weights load: the server's
+    programs are T5's (encoder inputs, soft prompts in the bank)."""
+    cfg = open_pretrained(path).config("float32")
+    if is_decoder_only(cfg):
+        raise SoftpromptError(
+            f"INITIAL_CHECKPOINT_PATH {path}: a decoder-only model ({type(cfg).__name__}); "
+            "serve takes a T5 checkpoint"
+        )
 
 
 def _features(vocabulary_path: str | None, task: str | None) -> Mapping[str, seqio.Feature]:
@@ -197,7 +228,14 @@ def _initial_prompts(prompts: PromptsSetting | None) -> PromptBank | None:
     if prompts is None:
         return None
     if isinstance(prompts, Mapping):
-        return PromptBank.from_files(dict(prompts))
+        arrays = {name: load_prompt(path) for name, path in prompts.items()}
+        for name, array in arrays.items():
+            if isinstance(array, Mapping):
+                raise SoftpromptError(
+                    f"PROMPTS[{name!r}] {prompts[name]}: a prefix (key/value per layer); serve "
+                    "takes soft prompts [length, emb_dim]"
+                )
+        return PromptBank.from_arrays(arrays)
     if not isinstance(prompts, str):
         raise SoftpromptError(
             "PROMPTS must be a bank file or folder, a dict of prompt name -> prompt file, or a "
