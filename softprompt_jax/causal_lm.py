@@ -24,8 +24,7 @@ from softprompt_jax.model.decoder_config import (
     is_decoder_only,
 )
 from softprompt_jax.model.decoder_only import network
-from softprompt_jax.model.prefix_layout import is_prefix
-from softprompt_jax.prefixes import prefix_key_values, prefix_length
+from softprompt_jax.prefixes import is_prefix, prefix_key_values, prefix_length
 from softprompt_jax.prompts import prepend_prompt
 
 IGNORE_INDEX = -100

@@ -13,6 +13,7 @@ JSON (NaN and infinities become null).
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,7 @@ from softprompt_jax.model.config import T5Config
 from softprompt_jax.prefixes import check_prefix
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompt_eval import evaluate_ensemble, evaluate_prompt, evaluate_tasks
-from softprompt_jax.t5_prefixes import (
-    check_t5_prefix,
-    is_t5_prefix,
-    is_t5_prefix_file,
-    load_t5_prefix,
-    save_t5_prefix,
-)
+from softprompt_jax.t5_prefixes import check_t5_prefix, is_t5_prefix
 from softprompt_jax.tasks import evaluation as task_evaluation
 from softprompt_jax.tasks.vocab import get_vocabulary
 from softprompt_jax.train.metrics_writer import MetricsWriter
@@ -101,7 +96,7 @@ def evaluate(
     }
     header = {"task": task, "split": split, "checkpoint_path": str(checkpoint_path)}
     if prompts is None:
-        prompt = _read_prompt(prompt_file)
+        prompt = load_prompt(prompt_file)
         cfg, params = _load_model(checkpoint_path, dtype, prompt, prompt_file, feature_lengths)
         metrics = evaluate_prompt(
             cfg,
@@ -180,7 +175,7 @@ def infer(
         raise SoftpromptError(f"the output file {path} is a directory")
     storage.check_writable(path.parent)
     lengths = {"inputs": feature_lengths["inputs"], "targets": feature_lengths["targets"]}
-    prompt = _read_prompt(prompt_file) if prompts is None else _load_bank(prompts)
+    prompt = load_prompt(prompt_file) if prompts is None else _load_bank(prompts)
     if input_file is None:
         rows, features = _task_rows(task, split, lengths, max_examples, prompt, vocabulary_path)
     else:
@@ -330,19 +325,15 @@ def export_prompt(
     return path
 
 
-def _read_prompt(path: str) -> Any:
-    """A prompt or prefix file (`load_prompt`), or a T5 prefix `.npz` (`save_t5_prefix`)."""
-    if str(path).endswith(".npz") and is_t5_prefix_file(path):
-        return load_t5_prefix(path)
-    return load_prompt(path)
-
-
-def _save_prefix_or_prompt(prompt: Any, output: str, prefix_info: dict | None, family: str) -> Path:
-    """`save_prompt` (PEFT's task type of the run's `family`), or `save_t5_prefix` for T5's."""
-    if prefix_info is None or prefix_info["family"] != "t5":
+def _save_prefix_or_prompt(
+    prompt: Any, output: str, prefix_info: dict | None, family: str
+) -> os.PathLike:
+    """`save_prompt`: PEFT's task type of the run's `family`, a prefix's heads for T5's."""
+    if prefix_info is None:
         task_type = "CAUSAL_LM" if family == "decoder_only" else "SEQ_2_SEQ_LM"
         return save_prompt(prompt, output, task_type=task_type)
-    return save_t5_prefix(prompt, output, prefix_info["num_kv_heads"], prefix_info["head_dim"])
+    heads, head_dim = prefix_info["num_kv_heads"], prefix_info["head_dim"]
+    return save_prompt(prompt, output, num_heads=heads, head_dim=head_dim)
 
 
 def _export_bank(model_dir: str, output: str, step: str, *, t5x: bool, task: str | None) -> Path:

@@ -27,10 +27,10 @@ import numpy as np
 import seqio
 
 from softprompt_jax import storage
+from softprompt_jax.checkpoints.prefix_files import split_table
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.decoder_config import check_positions, is_decoder_only
-from softprompt_jax.model.prefix_layout import prefix_table, split_table
-from softprompt_jax.prefixes import init_prefix, prefix_length
+from softprompt_jax.prefixes import init_prefix, prefix_length, prefix_table
 from softprompt_jax.t5_prefixes import MODES, init_t5_prefix
 
 METHODS = ("prompt", "prefix")
@@ -126,8 +126,7 @@ def prefix_checkpoint_table(prefix: Mapping) -> np.ndarray:
     paper's mode: the encoder's table and then the decoder's, side by side.
     """
     if "peft" in prefix:
-        part = prefix["peft"]
-        table = part["table"] if set(part) == {"table"} else prefix_table(part)
+        table = prefix_table(prefix["peft"])
     elif "encoder" in prefix:
         table = np.concatenate([prefix_table(prefix[p]) for p in ("encoder", "decoder")], 1)
     else:

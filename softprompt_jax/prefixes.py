@@ -2,31 +2,75 @@
 
 A prefix gives every layer's self-attention `P` extra keys and values in front of its own,
 as PEFT's `PrefixTuningConfig` does through `past_key_values`: always visible, not rotated by
-RoPE, the input tokens' positions starting after them. It is a pytree (see
-`model/prefix_layout.py`): plain per-layer keys and values (P-tuning v2), or an embedding and
-an MLP that produce them (Li & Liang's reparameterisation, PEFT's `prefix_projection`).
-`fold_prefix` turns the second into the first, with the same logits, for export.
+RoPE, the input tokens' positions starting after them. It is a pytree: plain per-layer keys
+and values (P-tuning v2, `{"key", "value"}` as `checkpoints/prefix_files.py` lays them out),
+or an embedding and an MLP that produce PEFT's table (Li & Liang's reparameterisation, PEFT's
+`prefix_projection`): `{"embedding": [P, kv_dim], "mlp": {"wi": {"kernel": [kv_dim,
+projection_dim], "bias"}, "wo": {"kernel": [projection_dim, num_layers * 2 * kv_dim],
+"bias"}}}`, `tanh(embedding @ wi + b) @ wo + b`. `fold_prefix` turns the second into the
+first, with the same logits, for export. `prefix_table` and `init_mlp` serve T5's prefixes
+(`t5_prefixes.py`) too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from softprompt_jax.checkpoints.prefix_files import PLAIN_KEYS, kv_table, split_table
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.decoder_config import DecoderOnlyConfig, is_decoder_only
-from softprompt_jax.model.prefix_layout import (
-    MLP_KEYS,
-    PLAIN_KEYS,
-    has_mlp,
-    prefix_table,
-    split_table,
-)
 
 Prefix = dict
+MLP_KEYS = frozenset({"embedding", "mlp"})
+
+
+def is_prefix(prompt: Any) -> bool:
+    """Whether `prompt` is a prefix (a mapping of arrays) rather than a prompt array."""
+    return isinstance(prompt, Mapping)
+
+
+def has_mlp(prefix: Mapping[str, Any]) -> bool:
+    """Whether `prefix` is reparameterised through the MLP (`{"embedding", "mlp"}`)."""
+    return set(prefix) == MLP_KEYS
+
+
+def prefix_table(prefix: Mapping[str, Any]) -> jax.Array:
+    """PEFT's `[P, num_layers * 2 * kv_dim]` table of a table, an MLP or plain keys/values."""
+    if set(prefix) == {"table"}:
+        return jnp.asarray(prefix["table"])
+    if has_mlp(prefix):
+        mlp = prefix["mlp"]
+        hidden = jnp.tanh(prefix["embedding"] @ mlp["wi"]["kernel"] + mlp["wi"]["bias"])
+        return hidden @ mlp["wo"]["kernel"] + mlp["wo"]["bias"]
+    return kv_table(prefix)
+
+
+def init_mlp(
+    rng: np.random.Generator, length: int, width: int, out_dim: int, projection_dim: int
+) -> Prefix:
+    """A new MLP prefix `{"embedding": [length, width], "mlp"}` drawn as PEFT's `PrefixEncoder`.
+
+    The embedding from N(0, 1), each linear layer's kernel and bias from
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (torch's default).
+    """
+    if projection_dim <= 0:
+        raise SoftpromptError(f"projection_dim must be positive, got {projection_dim}")
+
+    def linear(fan_in: int, fan_out: int) -> dict[str, jax.Array]:
+        bound = 1.0 / np.sqrt(fan_in)
+        kernel = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
+        bias = rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)
+        return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+
+    return {
+        "embedding": jnp.asarray(rng.standard_normal((length, width), np.float32)),
+        "mlp": {"wi": linear(width, projection_dim), "wo": linear(projection_dim, out_dim)},
+    }
 
 
 def init_prefix(
@@ -47,19 +91,7 @@ def init_prefix(
     if projection_dim is None:
         table = rng.standard_normal((length, out_dim), np.float32)
         return split_table(jnp.asarray(table), cfg.num_layers, cfg.num_kv_heads)
-    if projection_dim <= 0:
-        raise SoftpromptError(f"projection_dim must be positive, got {projection_dim}")
-
-    def linear(fan_in: int, fan_out: int) -> dict[str, jax.Array]:
-        bound = 1.0 / np.sqrt(fan_in)
-        kernel = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
-        bias = rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)
-        return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
-
-    return {
-        "embedding": jnp.asarray(rng.standard_normal((length, kv_dim), np.float32)),
-        "mlp": {"wi": linear(kv_dim, projection_dim), "wo": linear(projection_dim, out_dim)},
-    }
+    return init_mlp(rng, length, kv_dim, out_dim, projection_dim)
 
 
 def fold_prefix(cfg: DecoderOnlyConfig, prefix: Mapping) -> Prefix:

@@ -5,7 +5,7 @@ Two modes, told apart by the prefix tree's top-level key:
 - `{"encoder": part, "decoder": part}`, the paper's mode (Li & Liang prefix BART's encoder and
   decoder): every encoder layer's and every decoder layer's self-attention sees P extra keys
   and values. Each part is plain, `{"key", "value"}` `[layers, P, heads, head_dim]` (P-tuning
-  v2), or through its own MLP, `{"embedding", "mlp"}` (`model/prefix_layout.py`), whose table
+  v2), or through its own MLP, `{"embedding", "mlp"}` (`prefixes.py`), whose table
   splits as a decoder-only prefix's. (Li & Liang's code also prefixes the cross-attention;
   this does not.)
 - `{"peft": part}`, PEFT's `PrefixTuningConfig` on T5 exactly: one table `[P, num_layers * 2 *
@@ -18,27 +18,24 @@ Two modes, told apart by the prefix tree's top-level key:
 
 Either way the prefix's keys take positions 0..P-1 and the tokens P.. for T5's relative
 position bias (where Hugging Face puts a cache of P entries), and are always visible.
+Files (`.npz` in either mode, PEFT's adapter dir in PEFT's): `checkpoints/prefix_files.py`.
 """
 
 from __future__ import annotations
 
 import functools
-import io
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 
-from softprompt_jax import storage
+from softprompt_jax.checkpoints.prefix_files import split_table
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.network import T5
-from softprompt_jax.model.prefix_layout import prefix_table, split_table
+from softprompt_jax.prefixes import init_mlp, prefix_table
 
 MODES = ("paper", "peft")
 KeyValues = tuple[jax.Array, jax.Array]
@@ -65,8 +62,6 @@ def init_t5_prefix(
         raise SoftpromptError(f"PREFIX_MODE must be one of {MODES}, got {mode!r}")
     if length <= 0:
         raise SoftpromptError(f"prefix length must be positive, got {length}")
-    if projection_dim is not None and projection_dim <= 0:
-        raise SoftpromptError(f"projection_dim must be positive, got {projection_dim}")
     rng = np.random.default_rng(seed)
     width = cfg.num_heads * cfg.head_dim
     if mode == "peft":
@@ -74,14 +69,14 @@ def init_t5_prefix(
         layers = cfg.num_decoder_layers
         if projection_dim is None:
             return {"peft": {"table": _normal(rng, (length, layers * 2 * width))}}
-        return {"peft": _mlp_part(rng, length, width, layers * 2 * width, projection_dim)}
+        return {"peft": init_mlp(rng, length, width, layers * 2 * width, projection_dim)}
     parts = {}
     for part, layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
         if projection_dim is None:
             table = _normal(rng, (length, layers * 2 * width))
             parts[part] = split_table(table, layers, cfg.num_heads)
         else:
-            parts[part] = _mlp_part(rng, length, width, layers * 2 * width, projection_dim)
+            parts[part] = init_mlp(rng, length, width, layers * 2 * width, projection_dim)
     return parts
 
 
@@ -93,8 +88,7 @@ def t5_key_values(cfg: T5Config, prefix: Mapping) -> dict[str, KeyValues | None]
         )
     cast = lambda kv: tuple(x.astype(cfg.compute_dtype) for x in kv)
     if "peft" in prefix:
-        part = prefix["peft"]
-        table = part["table"] if set(part) == {"table"} else prefix_table(part)
+        table = prefix_table(prefix["peft"])
         return {"encoder": None, "decoder": cast(peft_decoder_key_values(cfg, table))}
     out = {}
     for name, layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
@@ -174,21 +168,6 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...]) -> jax.Array:
     return jnp.asarray(rng.standard_normal(shape, np.float32))
 
 
-def _mlp_part(
-    rng: np.random.Generator, length: int, width: int, out_dim: int, projection_dim: int
-) -> dict:
-    def linear(fan_in: int, fan_out: int) -> dict[str, jax.Array]:
-        bound = 1.0 / np.sqrt(fan_in)
-        kernel = rng.uniform(-bound, bound, (fan_in, fan_out)).astype(np.float32)
-        bias = rng.uniform(-bound, bound, (fan_out,)).astype(np.float32)
-        return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
-
-    return {
-        "embedding": _normal(rng, (length, width)),
-        "mlp": {"wi": linear(width, projection_dim), "wo": linear(projection_dim, out_dim)},
-    }
-
-
 def check_t5_prefix(cfg: T5Config, prefix: Mapping, source: str) -> None:
     """Raise SoftpromptError naming the file and both shapes when `prefix` does not fit `cfg`."""
     if not is_t5_prefix(prefix):
@@ -205,76 +184,3 @@ def check_t5_prefix(cfg: T5Config, prefix: Mapping, source: str) -> None:
                 f"prefix {source} gives {part} keys of shape {kv[0].shape}; the model expects "
                 f"{shown}"
             )
-
-
-def save_t5_prefix(prefix: Mapping, path: str | Path, num_heads: int, head_dim: int) -> Path:
-    """Write a plain T5 prefix: `.npz` (arrays by '/'-path) or, in PEFT's mode, a PEFT dir.
-
-    The PEFT dir is PEFT's `PREFIX_TUNING` `SEQ_2_SEQ_LM` adapter (`prompt_embeddings`: the
-    table), which `PeftModel.from_pretrained` loads onto Hugging Face T5.
-    """
-    path = Path(path)
-    arrays = {
-        "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(leaf, np.float32)
-        for keys, leaf in jax.tree_util.tree_flatten_with_path(dict(prefix))[0]
-    }
-    if path.suffix == ".npz":
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        storage.write_bytes_atomic(path, buffer.getvalue())
-        return path
-    if set(arrays) != {"peft/table"}:
-        raise SoftpromptError(
-            f"{path}: PEFT's format holds a PREFIX_MODE='peft' prefix; write this one as .npz"
-        )
-    table = arrays["peft/table"]
-    token_dim = num_heads * head_dim
-    path.mkdir(parents=True, exist_ok=True)
-    storage.write_bytes_atomic(
-        path / "adapter_model.safetensors",
-        safetensors.numpy.save({"prompt_embeddings": table}, metadata={"format": "pt"}),
-    )
-    config = {
-        "peft_type": "PREFIX_TUNING",
-        "task_type": "SEQ_2_SEQ_LM",
-        "num_virtual_tokens": table.shape[0],
-        "token_dim": token_dim,
-        "num_transformer_submodules": 2,
-        "num_attention_heads": num_heads,
-        "num_layers": table.shape[1] // (2 * token_dim),
-        "encoder_hidden_size": token_dim,
-        "prefix_projection": False,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
-    }
-    storage.write_text_atomic(path / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-    return path
-
-
-def load_t5_prefix(path: str | Path) -> dict:
-    """A T5 prefix `.npz` written by `save_t5_prefix`, as nested numpy arrays."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, EOFError, ValueError) as error:
-        raise SoftpromptError(f"prefix file {path} is not a readable .npz file: {error}") from error
-    prefix: dict = {}
-    for name, array in arrays.items():
-        *parents, leaf = name.split("/")
-        node = prefix
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = np.asarray(array, np.float32)
-    if not is_t5_prefix(prefix):
-        raise SoftpromptError(f"prefix file {path} holds {sorted(arrays)}; not a T5 prefix")
-    return prefix
-
-
-def is_t5_prefix_file(path: str | Path) -> bool:
-    """Whether `path` is a `.npz` written by `save_t5_prefix`."""
-    path = Path(path)
-    if path.suffix != ".npz" or not path.is_file():
-        return False
-    with np.load(path, allow_pickle=False) as archive:
-        return any(name.split("/")[0] in ("encoder", "decoder", "peft") for name in archive.files)

@@ -19,7 +19,7 @@ from tiny_decoders import VOCAB, save_tiny
 
 import softprompt_jax as sp
 from softprompt_jax.errors import SoftpromptError
-from softprompt_jax.model.prefix_layout import prefix_table
+from softprompt_jax.prefixes import prefix_table
 
 FAMILIES = ("gpt2", "llama")
 LENGTH = 3

@@ -248,6 +248,12 @@ def _truncated_peft(tmp_path: Path) -> Path:
     return tmp_path / "adapter"
 
 
+def _corrupt_npz(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.npz"
+    path.write_bytes(b"PK\x03\x04 not a zip archive")
+    return path
+
+
 def _nan_prompt(tmp_path: Path) -> Path:
     path = tmp_path / "nan.npy"
     np.save(path, np.full((4, TINY.emb_dim), np.nan, np.float32))
@@ -260,6 +266,7 @@ def _nan_prompt(tmp_path: Path) -> Path:
         (_empty_npy, "empty.npy is not a readable .npy file"),
         (_truncated_peft, "adapter_model.safetensors is not a readable safetensors file"),
         (_nan_prompt, f"nan.npy has {4 * TINY.emb_dim} non-finite values"),
+        (_corrupt_npz, "bad.npz is not a readable .npz file"),
     ],
 )
 def test_damaged_prompt_file_is_one_line(frozen_model, tmp_path, capsys, make, message):

@@ -174,7 +174,9 @@ def test_t5_prefix_trains_reports_and_exports(frozen_model, tmp_path, mode, proj
             "decoder/value",
             "encoder/key",
             "encoder/value",
+            "layout",
         ]
+        assert str(arrays["layout"]) == "t5_paper"
         assert arrays["encoder/key"].shape == (1, 3, 2, 8)
     argv = [
         "eval",

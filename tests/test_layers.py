@@ -102,3 +102,12 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():
         f"{PACKAGE}.train",
         f"{PACKAGE}.inference",
     ]
+
+
+def test_train_reaches_the_model_only_through_its_config():
+    """Method knowledge (prefix layouts, is_prefix) lives beside the methods, not in model/."""
+    reached = set()
+    for file in sorted((REPO_ROOT / PACKAGE / "train").rglob("*.py")):
+        modules = _imported_modules(ast.parse(file.read_text()))
+        reached |= {m for m in modules if m.startswith(f"{PACKAGE}.model")}
+    assert reached <= {f"{PACKAGE}.model.T5Config", f"{PACKAGE}.model.config.T5Config"}

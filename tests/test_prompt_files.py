@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TEST_DATA
+from conftest import TEST_DATA, TINY
 from safetensors.numpy import load_file, save_file
 
 import softprompt_jax as sp
+from softprompt_jax.checkpoints.prefix_files import LAYOUT_FIELD, save_prefix
 from softprompt_jax.checkpoints.prompt_files import OFFICIAL_SIDECAR, PEFT_CONFIG, PEFT_WEIGHTS
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.t5_prefixes import init_t5_prefix
 
 
 def random_prompt(shape=(5, 16), seed=0) -> np.ndarray:
@@ -152,3 +155,36 @@ class TestRealPeft:
         model = PeftModel.from_pretrained(base_model(), tmp_path)
         weight = model.prompt_encoder["default"].embedding.weight.detach().numpy()
         np.testing.assert_array_equal(weight[:5], prompt)
+
+
+def _t5_prefixes() -> dict:
+    paper = init_t5_prefix(TINY, 3, seed=1)
+    return {"t5_paper": paper, "t5_peft": init_t5_prefix(TINY, 3, seed=2, mode="peft")}
+
+
+def test_every_prefix_layout_round_trips_through_one_loader(tmp_path):
+    """T5 paper-mode, T5 PEFT-mode and decoder-only `.npz` files name their layout; PEFT dirs
+    of either task type read back; a file whose arrays contradict its layout is refused."""
+    prefixes = _t5_prefixes()
+    prefixes["decoder_only"] = prefixes["t5_paper"]["decoder"]
+    for layout, prefix in prefixes.items():
+        path = sp.save_prompt(prefix, tmp_path / f"{layout}.npz")
+        with np.load(path) as archive:
+            assert str(archive[LAYOUT_FIELD]) == layout
+        loaded = sp.load_prompt(path)
+        assert jax.tree.structure(loaded) == jax.tree.structure(prefix)
+        jax.tree.map(np.testing.assert_array_equal, loaded, prefix)
+    peft_mode = prefixes["t5_peft"]
+    adapter = sp.save_prompt(peft_mode, tmp_path / "t5_adapter", num_heads=2, head_dim=8)
+    assert json.loads((adapter / PEFT_CONFIG).read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    jax.tree.map(np.testing.assert_array_equal, sp.load_prompt(adapter), peft_mode)
+
+    wrong = tmp_path / "wrong.npz"
+    save_prefix(prefixes["decoder_only"], wrong)
+    with np.load(wrong) as archive:
+        arrays = dict(archive)
+    np.savez(wrong, **arrays | {LAYOUT_FIELD: np.array("t5_paper")})
+    with pytest.raises(SoftpromptError, match="wrong.npz: says layout 't5_paper' but holds"):
+        sp.load_prompt(wrong)
+    with pytest.raises(SoftpromptError, match="PEFT has no format for a 't5_paper' prefix"):
+        sp.save_prompt(prefixes["t5_paper"], tmp_path / "paper_adapter")

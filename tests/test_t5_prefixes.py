@@ -19,7 +19,6 @@ from softprompt_jax.inference import predict_tokens
 from softprompt_jax.model.network import T5
 from softprompt_jax.t5_prefixes import (
     init_t5_prefix,
-    save_t5_prefix,
     t5_key_values,
     t5_prefix_encode,
     t5_prefix_logits,
@@ -193,7 +192,9 @@ def test_encoder_prefix_is_a_prompts_first_layer_keys_and_values():
 def test_peft_mode_saves_what_peft_loads(hf_t5, tmp_path):
     model, cfg, params = hf_t5
     prefix = init_t5_prefix(cfg, LENGTH, seed=3, mode="peft")
-    path = save_t5_prefix(prefix, tmp_path / "adapter", cfg.num_heads, cfg.head_dim)
+    path = sp.save_prompt(
+        prefix, tmp_path / "adapter", num_heads=cfg.num_heads, head_dim=cfg.head_dim
+    )
     loaded = peft.PeftModel.from_pretrained(model, path).eval()
     batch = make_batch()
     inputs, targets = (

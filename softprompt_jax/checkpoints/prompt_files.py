@@ -10,7 +10,7 @@
   emb_dim]`. For seq2seq models PEFT keeps 2 * length rows and feeds only the
   first `length` to the encoder; we read those and write the same layout (or, with
   `task_type="CAUSAL_LM"`, PEFT's decoder-only layout: the prompt alone).
-- Prefixes (decoder-only prefix tuning, a `{"key", "value"}` mapping): PEFT
+- Prefixes (a mapping: decoder-only `{"key", "value"}` or a T5 prefix): PEFT
   `PREFIX_TUNING` adapter dirs and `.npz` files, see `prefix_files.py`.
 
 Any float dtype is read and cast to float32; nothing is unpickled.
@@ -19,6 +19,7 @@ Any float dtype is read and cast to float32; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,19 +47,18 @@ def save_prompt(
     path: str | Path,
     *,
     task_type: str = "SEQ_2_SEQ_LM",
-) -> Path:
+    num_heads: int | None = None,
+    head_dim: int | None = None,
+) -> os.PathLike:
     """Write a prompt as `.npy` (path ends in `.npy`) or else as a PEFT adapter directory.
 
     `task_type` is PEFT's: `SEQ_2_SEQ_LM` (T5) or `CAUSAL_LM` (GPT-2, Llama family). A plain
-    prefix `{"key", "value"}` is written as `.npz` (path ends in `.npz`) or a PEFT prefix dir.
+    prefix (decoder-only, or T5's) is written as `.npz` (path ends in `.npz`) or a PEFT prefix
+    dir (`prefix_files.save_prefix`; a T5 PEFT-mode prefix needs `num_heads` and `head_dim`).
     """
-    path = Path(path)
     if isinstance(prompt, Mapping):
-        if path.suffix == ".npz":
-            prefix_files.save_prefix_npz(prompt, path)
-        else:
-            prefix_files.save_peft_prefix(prompt, path)
-        return path
+        return prefix_files.save_prefix(prompt, path, num_heads, head_dim)
+    path = Path(path)
     if task_type not in PEFT_TASK_TYPES:
         raise SoftpromptError(f"task_type {task_type!r}; expected one of {sorted(PEFT_TASK_TYPES)}")
     array = np.asarray(prompt, np.float32)
@@ -83,17 +83,17 @@ def load_prompt(
 ) -> jax.Array | dict[str, jax.Array]:
     """Read a prompt (`.npy`, official sidecar or T5X checkpoint, PEFT dir) as float32.
 
-    A PEFT prefix-tuning dir or a `.npz` prefix gives a plain prefix `{"key", "value"}`.
-    A prompt with NaN or infinite values is refused: it would only yield NaN scores.
+    A PEFT prefix-tuning dir or a `.npz` prefix gives a plain prefix in its layout
+    (`prefix_files.load_prefix`). A prompt with NaN or infinite values is refused: it would
+    only yield NaN scores.
     """
+    if str(path).endswith(".npz"):
+        return jax.tree.map(jnp.asarray, prefix_files.load_prefix(path))
     path = Path(path)
-    if path.suffix == ".npz" and path.is_file():
-        return {k: jnp.asarray(v) for k, v in prefix_files.load_prefix_npz(path).items()}
     if (path / PEFT_CONFIG).is_file():
         config = _read_peft_config(path / PEFT_CONFIG)
         if config.get("peft_type") == "PREFIX_TUNING":
-            prefix = prefix_files.load_peft_prefix(path, config)
-            return {k: jnp.asarray(v) for k, v in prefix.items()}
+            return jax.tree.map(jnp.asarray, prefix_files.load_prefix(path, config))
         source, array = path, _load_peft(path)
     elif (path / OFFICIAL_SIDECAR).is_file():
         source = path / OFFICIAL_SIDECAR

@@ -31,8 +31,8 @@ from orbax.checkpoint import checkpoint_managers
 from softprompt_jax import storage
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.methods import prefix_checkpoint_table
-from softprompt_jax.model.prefix_layout import is_prefix
 from softprompt_jax.partitioning.multihost import sync, to_host
+from softprompt_jax.prefixes import is_prefix
 from softprompt_jax.prompt_bank import PromptBank
 
 CHECKPOINT_DIR = "checkpoints"
