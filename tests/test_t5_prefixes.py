@@ -248,3 +248,23 @@ def test_cached_prefix_decoding_equals_teacher_forcing(hf_t5, mode):
     forced = np.argmax(t5_prefix_logits(cfg, params, prefix, tokens, shifted), -1)
     ended = np.cumsum(ids == decoding.EOS_ID, 1) - (ids == decoding.EOS_ID) > 0
     np.testing.assert_array_equal(ids, np.where(ended, 0, forced))
+
+
+def test_peft_mode_greedy_ids_equal_peft_forward_greedy(hf_t5, tmp_path):
+    """Cached greedy decoding picks what PEFT's own forward pass picks step by step (PEFT's
+    `generate` is no reference: it gives other tokens than its forward pass here)."""
+    model, cfg, params = hf_t5
+    prefix = init_t5_prefix(cfg, LENGTH, seed=3, mode="peft")
+    path = sp.save_prompt(prefix, tmp_path / "a", num_heads=cfg.num_heads, head_dim=cfg.head_dim)
+    loaded = peft.PeftModel.from_pretrained(model, path).eval()
+    inputs = torch.from_numpy(make_batch()["encoder_input_tokens"])
+    theirs = torch.zeros((2, 1), dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(4):
+            logits = loaded(
+                input_ids=inputs, attention_mask=(inputs > 0).long(), decoder_input_ids=theirs
+            ).logits
+            theirs = torch.cat([theirs, logits[:, -1:].argmax(-1)], 1)
+    ours = predict_tokens(cfg, params, prefix, jnp.asarray(inputs.numpy()), max_length=4)
+    assert not (theirs == decoding.EOS_ID).any()  # no row stops early: all 4 ids compare
+    np.testing.assert_array_equal(np.asarray(ours), theirs[:, 1:].numpy())
