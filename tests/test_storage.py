@@ -12,12 +12,14 @@ import json
 import os
 import stat
 
+import jax
 import numpy as np
 import pytest
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
 from softprompt_jax import storage
+from softprompt_jax.checkpoints import prefix_files
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.train.metrics_writer import METRICS_FILE, MetricsWriter
 from softprompt_jax.train.state_checkpoints import (
@@ -139,3 +141,18 @@ def test_numpy_prompt_and_best_step_are_written_in_the_bucket(bucket):
     assert best_step(f"{BUCKET}/run") == 7
     assert json.loads((root / "run" / "best.json").read_text())["value"] == 0.75
     assert any(path.endswith("/best.json") for path in touched)
+
+
+def test_prefix_files_are_written_and_read_in_the_bucket(bucket):
+    root, touched = bucket
+    rng = np.random.default_rng(0)
+    plain = {name: rng.normal(size=(2, 3, 2, 4)).astype(np.float32) for name in ("key", "value")}
+    t5_peft = {"peft": {"table": rng.normal(size=(3, 2 * 2 * 8)).astype(np.float32)}}
+    for prefix, name in ((plain, "p.npz"), (t5_peft, "t5.npz"), (t5_peft, "t5_adapter")):
+        prefix_files.save_prefix(prefix, f"{BUCKET}/run/{name}", num_heads=2, head_dim=4)
+        loaded = prefix_files.load_prefix(f"{BUCKET}/run/{name}")
+        jax.tree.map(np.testing.assert_array_equal, loaded, prefix)
+        assert (root / "run" / name).exists()
+        assert any(t.startswith(f"{BUCKET}/run/{name}") for t in touched)
+    config = json.loads((root / "run" / "t5_adapter" / prefix_files.PEFT_CONFIG).read_text())
+    assert (config["num_layers"], config["task_type"]) == (2, "SEQ_2_SEQ_LM")
