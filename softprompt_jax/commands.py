@@ -24,7 +24,7 @@ import seqio
 from softprompt_jax import infer_rows, inspection, storage
 from softprompt_jax.checkpoints import official
 from softprompt_jax.checkpoints.pretrained import load_pretrained
-from softprompt_jax.checkpoints.prompt_files import load_prompt, save_prompt
+from softprompt_jax.checkpoints.prompt_files import is_prefix_file, load_prompt, save_prompt
 from softprompt_jax.checkpoints.sharded import read_config
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.methods import (
@@ -34,6 +34,7 @@ from softprompt_jax.methods import (
     table_to_prefix,
 )
 from softprompt_jax.model.config import T5Config
+from softprompt_jax.model.decoder_config import is_decoder_only
 from softprompt_jax.prefixes import check_prefix
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.prompt_eval import evaluate_ensemble, evaluate_prompt, evaluate_tasks
@@ -64,6 +65,7 @@ def evaluate(
     alpha: float = 0.6,
     length_buckets: int = 4,
     pack: bool = False,
+    model_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of prompts on a frozen checkpoint -> `output_dir/metrics.json` (and a
     `metrics.jsonl` record per task).
@@ -76,6 +78,7 @@ def evaluate(
     `feature_lengths=None` evaluates whole inputs and targets, as T5X does; `num_beams > 1`
     decodes by beam search with length penalty `alpha`. Batches are padded to one of
     `length_buckets` input lengths, shortest inputs first (1: every batch to the longest).
+    `model_overrides` sets run-time config fields (`attention_impl`, ...), as in training.
     """
     _check_batch_size(batch_size)
     _check_positive(num_beams, "EVAL_NUM_BEAMS")
@@ -83,7 +86,7 @@ def evaluate(
     task_obj = _get_task(task, split)
     _check_one_prompt_setting(prompt_file, prompts)
     if ensemble:
-        _check_ensemble(task_obj, prompts, num_beams)
+        _check_ensemble(task_obj, prompts, num_beams, checkpoint_path)
         if pack:
             raise SoftpromptError("PACK=True does not apply to ENSEMBLE=True: set PACK=False")
     storage.check_writable(output_dir)
@@ -97,7 +100,9 @@ def evaluate(
     header = {"task": task, "split": split, "checkpoint_path": str(checkpoint_path)}
     if prompts is None:
         prompt = load_prompt(prompt_file)
-        cfg, params = _load_model(checkpoint_path, dtype, prompt, prompt_file, feature_lengths)
+        cfg, params = _load_model(
+            checkpoint_path, dtype, model_overrides, prompt, prompt_file, feature_lengths
+        )
         metrics = evaluate_prompt(
             cfg,
             params,
@@ -113,11 +118,15 @@ def evaluate(
     bank = _load_bank(prompts)
     header["prompts"] = prompts
     if ensemble:
-        cfg, params = _load_model(checkpoint_path, dtype, bank, prompts, feature_lengths)
+        cfg, params = _load_model(
+            checkpoint_path, dtype, model_overrides, bank, prompts, feature_lengths
+        )
         metrics = evaluate_ensemble(cfg, params, bank, task=task, **settings)
         return _write_eval(output_dir, header, metrics, {task: metrics})
     tasks = _tasks_with_prompts(task_obj, split, bank)
-    cfg, params = _load_model(checkpoint_path, dtype, bank, prompts, feature_lengths)
+    cfg, params = _load_model(
+        checkpoint_path, dtype, model_overrides, bank, prompts, feature_lengths
+    )
     by_task = evaluate_tasks(
         cfg,
         params,
@@ -152,6 +161,7 @@ def infer(
     num_beams: int = 1,
     alpha: float = 0.6,
     length_buckets: int = 4,
+    model_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Predictions, one JSON line per input in order; labels not needed.
 
@@ -164,7 +174,8 @@ def infer(
     candidates. Greedy unless `temperature > 0`: then sampled (from the `top_k` best tokens
     when `top_k > 0`), reproducibly for a given `seed`; `num_beams > 1` searches beams.
     Batches are padded to one of `length_buckets` input lengths, shortest inputs first (1:
-    every batch to the inputs length); the lines keep the inputs' order.
+    every batch to the inputs length); the lines keep the inputs' order. `model_overrides`
+    sets run-time config fields (`attention_impl`, ...), as in training.
     """
     _check_decoding(temperature, top_k, num_beams)
     _check_positive(length_buckets, "INFER_LENGTH_BUCKETS")
@@ -182,7 +193,9 @@ def infer(
         rows, features = _file_rows(input_file, lengths, prompt, task, vocabulary_path)
     source = prompt_file if prompts is None else prompts
     new_tokens = decode_length or lengths["targets"]
-    cfg, params = _load_model(checkpoint_path, dtype, prompt, source, lengths, new_tokens)
+    cfg, params = _load_model(
+        checkpoint_path, dtype, model_overrides, prompt, source, lengths, new_tokens
+    )
     predictions = infer_rows.predict(
         cfg,
         params,
@@ -239,7 +252,7 @@ def inspect_prompts(
     if labels is None:
         labels = [] if task is None else inspection.label_words(task)
     bank, source = _inspect_prompts(prompt_file, bank_path)
-    _, params = _load_model(checkpoint_path, "float32", bank, source)
+    _, params = _load_model(checkpoint_path, "float32", None, bank, source)
     report = inspection.report(
         bank, params, vocabulary, labels, k, similarity=bank_path is not None
     )
@@ -382,9 +395,13 @@ def _check_one_prompt_setting(prompt_file: str | None, prompts: PromptsSetting |
 
 
 def _check_ensemble(
-    task: seqio.Task | seqio.Mixture, prompts: PromptsSetting | None, num_beams: int
+    task: seqio.Task | seqio.Mixture,
+    prompts: PromptsSetting | None,
+    num_beams: int,
+    checkpoint_path: str,
 ) -> None:
-    """An ensemble is the K prompts (PROMPTS) of one task, decoded greedily."""
+    """An ensemble is the K soft prompts (PROMPTS) of one task on a T5 model, decoded greedily
+    (checked from the checkpoint's metadata and the prompt files' kind, before any weights)."""
     if prompts is None:
         raise SoftpromptError("ENSEMBLE = True needs PROMPTS: the K prompts of the task")
     if not isinstance(task, seqio.Task):
@@ -393,6 +410,19 @@ def _check_ensemble(
         raise SoftpromptError(
             f"ENSEMBLE = True decodes greedily; EVAL_NUM_BEAMS must be 1, got {num_beams}"
         )
+    cfg = read_config(checkpoint_path, "float32")
+    if is_decoder_only(cfg):
+        raise SoftpromptError(
+            f"ENSEMBLE = True runs T5 models; {checkpoint_path} is a decoder-only model "
+            f"({type(cfg).__name__})"
+        )
+    if isinstance(prompts, Mapping):
+        for name, path in prompts.items():
+            if is_prefix_file(path):
+                raise SoftpromptError(
+                    f"ENSEMBLE = True ensembles soft prompts; PROMPTS member {name!r} ({path}) "
+                    "is a prefix"
+                )
 
 
 def _load_bank(prompts: PromptsSetting) -> PromptBank:
@@ -412,6 +442,7 @@ def _load_bank(prompts: PromptsSetting) -> PromptBank:
 def _load_model(
     checkpoint_path: str,
     dtype: str,
+    overrides: Mapping[str, Any] | None,
     prompt: jax.Array | PromptBank,
     source: PromptsSetting,
     feature_lengths: Mapping[str, int] | None = None,
@@ -422,7 +453,7 @@ def _load_model(
     `source` is where the prompts came from: a file or bank path, or {name: file};
     `feature_lengths` and `new_tokens` as `methods.check_lengths` takes them.
     """
-    cfg = read_config(checkpoint_path, dtype)
+    cfg = read_config(checkpoint_path, dtype, overrides)
     check_lengths(cfg, prompt, feature_lengths, new_tokens)
     if isinstance(prompt, Mapping):  # a prefix (.npz or PEFT prefix dir)
         if is_t5_prefix(prompt):
@@ -442,7 +473,7 @@ def _load_model(
             f"prompt file {source} has shape {tuple(prompt.shape)}; the model at "
             f"{checkpoint_path} expects (length, {cfg.emb_dim})"
         )
-    return load_pretrained(checkpoint_path, dtype=dtype)
+    return load_pretrained(checkpoint_path, dtype=dtype, config=cfg)
 
 
 def _tasks_with_prompts(

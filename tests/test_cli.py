@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from softprompt_jax import cli
+from softprompt_jax import cli, commands
 from softprompt_jax.train.state_checkpoints import NUMPY_DIR, PROMPT_SIDECAR
 
 TASK = "demo_multitask"  # offline, byte vocabulary
@@ -53,7 +53,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
+def test_train_eval_export_reload(frozen_model, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert cli.main(train_argv(frozen_model, run, 4, EVAL_PERIOD=4, EVAL_EXAMPLES=8)) == 0
     assert "step 4/4" in capsys.readouterr().out
@@ -107,7 +107,16 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
     assert len(lines) == 5
     assert all(set(line) == {"inputs", "prediction", "truncated"} for line in lines)
     assert not any(line["truncated"] for line in lines)  # 16 input tokens hold every demo input
-    # Sampling from the single best token is greedy decoding, whatever the temperature.
+    # Sampling from the single best token is greedy decoding, whatever the temperature; and
+    # MODEL_OVERRIDES' fused attention (which the model is seen to get) computes the same.
+    impls = []
+
+    def predict(cfg, *args, **kwargs):
+        impls.append(cfg.attention_impl)
+        return predict_rows(cfg, *args, **kwargs)
+
+    predict_rows = commands.infer_rows.predict
+    monkeypatch.setattr(commands.infer_rows, "predict", predict)
     sampled = tmp_path / "sampled.jsonl"
     argv = [
         "infer",
@@ -122,9 +131,11 @@ def test_train_eval_export_reload(frozen_model, tmp_path, capsys):
             INFER_TEMPERATURE=2.0,
             INFER_TOP_K=1,
             INFER_SEED=3,
+            MODEL_OVERRIDES="{'attention_impl': 'fused'}",
         ),
     ]
     assert cli.main(argv) == 0
+    assert impls == ["fused"]
     assert read_jsonl(sampled) == lines
 
 

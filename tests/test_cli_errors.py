@@ -17,12 +17,14 @@ import tensorflow as tf
 from conftest import TINY
 from softprompt_jax.tasks import demo
 from test_cli import LENGTHS, TASK, gin_flags
+from tiny_decoders import save_tiny
 
 import softprompt_jax as sp
 from softprompt_jax import cli, commands
 from softprompt_jax.checkpoints import native
 from softprompt_jax.checkpoints.prompt_files import PEFT_WEIGHTS
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.t5_prefixes import init_t5_prefix
 from softprompt_jax.train.state_checkpoints import NUMPY_DIR, PROMPT_SIDECAR
 
 TRAIN_FILES = ["--gin_file=models/t5_1_1_tiny.gin", "--gin_file=runs/prompt_finetune.gin"]
@@ -357,3 +359,50 @@ def test_no_tensorflow_start_up_lines_reach_the_console(tmp_path):
     assert result.stderr.splitlines() == [
         f"softprompt-jax export: error: no prompt checkpoints under {tmp_path}/numpy_checkpoints"
     ]
+
+
+@pytest.mark.parametrize(
+    "command,family,key,message",
+    [
+        ("eval", "t5", "num_heads", "'num_heads' is an architecture field (the weights fix it)"),
+        ("infer", "t5", "attention", "'attention' is no field of T5Config"),
+        ("eval", "gpt2", "attention_impl", "'attention_impl' is no field of GPT2Config"),
+    ],
+)
+def test_a_model_override_of_no_run_time_field_is_one_line(
+    frozen_model, prompt_file, tmp_path, capsys, no_compute, command, family, key, message
+):
+    model = frozen_model
+    if family == "gpt2":  # its own run-time fields: no attention_impl
+        model = tmp_path / "gpt2"
+        save_tiny("gpt2", model)
+        capsys.readouterr()  # transformers' progress bar
+    argv = eval_argv if command == "eval" else infer_argv
+    overrides = f"{{'{key}': 2}}"
+    out = tmp_path / "out"
+    assert cli.main(argv(model, prompt_file, out, MODEL_OVERRIDES=overrides)) == 2
+    assert f"MODEL_OVERRIDES key {message}" in one_error_line(capsys, command)
+
+
+def test_an_ensemble_of_prefixes_or_of_a_decoder_only_model_is_one_line(
+    frozen_model, prompt_file, tmp_path, capsys, no_compute
+):
+    prefix = sp.save_prompt(init_t5_prefix(TINY, 4), tmp_path / "prefix.npz")
+    gpt2 = tmp_path / "gpt2"
+    save_tiny("gpt2", gpt2)
+    capsys.readouterr()  # transformers' progress bar
+    for model, prompts, message in [
+        (
+            frozen_model,
+            {"a": str(prompt_file), "b": str(prefix)},
+            f"PROMPTS member 'b' ({prefix}) is a prefix",
+        ),
+        (gpt2, {"a": str(prompt_file)}, "is a decoder-only model (GPT2Config)"),
+    ]:
+        flags = gin_flags(
+            model, PROMPTS=repr(prompts), ENSEMBLE=True, EVAL_OUTPUT_DIR=f"'{tmp_path / 'out'}'"
+        )
+        assert cli.main(["eval", *EVAL_FILES, *flags]) == 2
+        err = one_error_line(capsys, "eval")
+        assert err.startswith("softprompt-jax eval: error: ENSEMBLE = True") and message in err, err
+        assert not (tmp_path / "out").exists()

@@ -78,6 +78,14 @@ def save_prompt(
     return path
 
 
+def is_prefix_file(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a prefix (`.npz`, PEFT prefix-tuning dir), read without its arrays."""
+    if str(path).endswith(".npz"):
+        return True
+    config = Path(path) / PEFT_CONFIG
+    return config.is_file() and _read_peft_config(config).get("peft_type") == "PREFIX_TUNING"
+
+
 def load_prompt(
     path: str | Path, expected_shape: tuple[int, ...] | None = None
 ) -> jax.Array | dict[str, jax.Array]:

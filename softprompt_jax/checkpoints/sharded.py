@@ -8,7 +8,7 @@ hold, once per distinct slice. `layers_N` are stacked slice by slice for a scann
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -18,12 +18,16 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from softprompt_jax.checkpoints.reader import model_view, open_pretrained
 from softprompt_jax.model.families import ModelConfig, param_dtype
+from softprompt_jax.model.run_time import with_overrides
 from softprompt_jax.model.scan import Index
 
 
-def read_config(path: str | os.PathLike, dtype: str = "bfloat16") -> ModelConfig:
-    """The model config of a checkpoint, from metadata only (no array data is read)."""
-    return open_pretrained(path).config(jnp.dtype(dtype).name)
+def read_config(
+    path: str | os.PathLike, dtype: str = "bfloat16", overrides: Mapping[str, Any] | None = None
+) -> ModelConfig:
+    """The model config of a checkpoint, from metadata only (no array data is read), with the
+    run-time `overrides` (MODEL_OVERRIDES) applied."""
+    return with_overrides(open_pretrained(path).config(jnp.dtype(dtype).name), overrides)
 
 
 def load_sharded(

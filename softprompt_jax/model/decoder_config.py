@@ -18,6 +18,8 @@ from softprompt_jax.model.config import REMAT_POLICIES
 
 GPT2_ACTIVATIONS = ("gelu_new", "gelu", "relu")
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# How a decoder-only run computes, not what the network is (as `config.RUN_TIME_FIELDS`).
+DECODER_RUN_TIME_FIELDS = frozenset({"dtype", "scan_layers", "remat_policy"})
 
 
 class _DecoderConfigMethods:
@@ -44,8 +46,7 @@ class _DecoderConfigMethods:
 
     def architecture(self) -> dict:
         """The fields that define the network and its weights (no run-time settings)."""
-        run_time = {"dtype", "scan_layers", "remat_policy"}
-        return {k: v for k, v in self.to_dict().items() if k not in run_time}
+        return {k: v for k, v in self.to_dict().items() if k not in DECODER_RUN_TIME_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)

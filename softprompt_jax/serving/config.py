@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.serving.engine import Mode, Shapes
@@ -26,7 +27,7 @@ class ServeConfig:
     A batch forms within `max_wait_ms` of its oldest request, mixing prompts unless
     `mix_prompts` is False (then one prompt per batch, for comparison). At most
     `max_queued_rows` rows wait (more: 503). `POST /v1/prompts` reads `path`s only inside
-    `prompt_dir` (None: never).
+    `prompt_dir` (None: never). `model_overrides`: run-time config fields, as in training.
     """
 
     checkpoint_path: str
@@ -35,6 +36,7 @@ class ServeConfig:
     vocabulary_path: str | None = None
     task: str | None = None
     dtype: str = "bfloat16"
+    model_overrides: Mapping[str, Any] | None = None
     batch_sizes: Sequence[int] = (1, 8, 32)
     input_lengths: Sequence[int] | None = None
     max_wait_ms: float = 5.0

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import seqio
 from aiohttp import web
@@ -23,7 +24,9 @@ from softprompt_jax.checkpoints.pretrained import load_pretrained
 from softprompt_jax.checkpoints.prompt_files import load_prompt
 from softprompt_jax.checkpoints.reader import open_pretrained
 from softprompt_jax.errors import SoftpromptError
+from softprompt_jax.model.config import T5Config
 from softprompt_jax.model.decoder_config import is_decoder_only
+from softprompt_jax.model.run_time import with_overrides
 from softprompt_jax.prompt_bank import PromptBank
 from softprompt_jax.serving.app import Service, make_app
 from softprompt_jax.serving.batcher import Batcher
@@ -72,8 +75,8 @@ def build_service(config: ServeConfig) -> Service:
     max_length = config.max_prompt_length or (
         max(bank.lengths) if bank is not None else DEFAULT_MAX_PROMPT_LENGTH
     )
-    _check_encoder_decoder(config.checkpoint_path)
-    cfg, params = load_pretrained(config.checkpoint_path, dtype=config.dtype)
+    cfg = _t5_config(config.checkpoint_path, config.dtype, config.model_overrides)
+    cfg, params = load_pretrained(config.checkpoint_path, dtype=config.dtype, config=cfg)
     registry = PromptRegistry.of(bank, config.max_prompts, max_length, cfg.emb_dim)
     engine = Engine(
         cfg, params, features["targets"].vocabulary, shapes, alpha=config.alpha, seed=config.seed
@@ -187,15 +190,17 @@ class ServerThread:
         self._thread.join(timeout=60)
 
 
-def _check_encoder_decoder(path: str) -> None:
-    """Refuse a decoder-only checkpoint (GPT-2, Llama) before its weights load: the server's
-    programs are T5's (encoder inputs, soft prompts in the bank)."""
-    cfg = open_pretrained(path).config("float32")
+def _t5_config(path: str, dtype: str, overrides: Mapping[str, Any] | None) -> T5Config:
+    """The checkpoint's config with MODEL_OVERRIDES, read before its weights load; a decoder-only
+    checkpoint (GPT-2, Llama) is refused: the server's programs are T5's (encoder inputs, soft
+    prompts in the bank)."""
+    cfg = open_pretrained(path).config(dtype)
     if is_decoder_only(cfg):
         raise SoftpromptError(
             f"INITIAL_CHECKPOINT_PATH {path}: a decoder-only model ({type(cfg).__name__}); "
             "serve takes a T5 checkpoint"
         )
+    return with_overrides(cfg, overrides)
 
 
 def _features(vocabulary_path: str | None, task: str | None) -> Mapping[str, seqio.Feature]:

@@ -114,10 +114,8 @@ def model_config(
     Run-time settings: dropout, scan, remat (`overrides`); a scanned model stacks the
     checkpoint's `layers_N` while loading.
     """
-    changes = dict(overrides or {})
-    if dropout_rate is not None:
-        changes["dropout_rate"] = dropout_rate
-    return read_config(checkpoint_path, dtype).replace(**changes)
+    cfg = read_config(checkpoint_path, dtype, overrides)
+    return cfg if dropout_rate is None else cfg.replace(dropout_rate=dropout_rate)
 
 
 def make_prompt(
