@@ -58,7 +58,14 @@ class PromptBank:
             files = {path.stem: path for path in sorted(folder.glob("*.npy"))}
             if not files:
                 raise SoftpromptError(f"{folder}: no .npy prompt files in this folder")
-        return cls.from_arrays({name: load_prompt(path) for name, path in files.items()})
+        prompts = {name: load_prompt(path) for name, path in files.items()}
+        for name, prompt in prompts.items():
+            if isinstance(prompt, Mapping):  # a prefix's keys and values: one per run
+                raise SoftpromptError(
+                    f"PROMPTS member {name!r} ({files[name]}) is a prefix; a bank holds prompts "
+                    "[length, emb_dim]: give a prefix alone as PROMPT_FILE"
+                )
+        return cls.from_arrays(prompts)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PromptBank:

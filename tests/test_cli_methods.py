@@ -10,9 +10,11 @@ import peft
 import pytest
 import torch
 import transformers
+from softprompt_jax.tasks.demo import DEMO_MIXTURE
 
 import softprompt_jax as sp
 from softprompt_jax import cli
+from softprompt_jax.train.state_checkpoints import sidecar_path
 
 TASK = "demo_max"  # offline, byte vocabulary (259 ids)
 LENGTHS = "{'inputs': 12, 'targets': 4}"
@@ -150,6 +152,59 @@ def test_decoder_only_methods_train_report_and_export(tmp_path, capsys, family, 
     np.testing.assert_allclose(
         metrics["metrics"]["loss_per_token"], record["loss_per_token"], rtol=1e-5
     )
+
+
+@pytest.mark.slow
+def test_gpt2_trains_a_prompt_per_task_exports_the_bank_and_evaluates_with_it(tmp_path, capsys):
+    model = save_tiny("gpt2", tmp_path / "gpt2")
+    per_task = {"MIXTURE_OR_TASK_NAME": f"'{DEMO_MIXTURE}'", "PROMPT_PER_TASK": True}
+    prefix = train_argv(model, "gpt2.gin", tmp_path / "prefix", METHOD="'prefix'", **per_task)
+    capsys.readouterr()
+    assert cli.main(prefix) == 2  # a prefix is one per run: refused in one line, nothing written
+    err = capsys.readouterr().err.strip()
+    assert "PROMPT_PER_TASK needs METHOD='prompt'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "prefix").exists()
+
+    run = tmp_path / "run"
+    assert cli.main(train_argv(model, "gpt2.gin", run, **per_task)) == 0
+    assert "training 3 prompts of 3 tokens, one per task of demo_mixture" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = {r["task"]: r for r in records if r["kind"] == "eval"}
+    tasks = ["demo_len", "demo_max", "demo_min"]  # the mixture's, in order: the bank's names
+    assert list(records) == tasks and all(r["step"] == 3 for r in records.values())
+
+    bank_file = tmp_path / "bank.safetensors"
+    assert cli.main(["export", f"--model_dir={run}", f"--bank={bank_file}"]) == 0
+    bank = sp.PromptBank.load(bank_file)
+    assert bank.names == tuple(tasks) and bank.lengths == (3, 3, 3)
+    for task in tasks:
+        np.testing.assert_array_equal(bank[task], np.load(sidecar_path(run, 3, task)))
+    one = tmp_path / "max.npy"
+    assert cli.main(["export", f"--model_dir={run}", "--task=demo_max", f"--output={one}"]) == 0
+    np.testing.assert_array_equal(np.load(one), bank["demo_max"])
+
+    argv = [
+        "eval",
+        "--gin_file=models/gpt2.gin",
+        "--gin_file=runs/prompt_eval.gin",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{model}'",
+        f"--gin.MIXTURE_OR_TASK_NAME='{DEMO_MIXTURE}'",
+        f"--gin.PROMPTS='{bank_file}'",
+        f"--gin.EVAL_OUTPUT_DIR='{tmp_path / 'eval'}'",
+        f"--gin.EVAL_FEATURE_LENGTHS={LENGTHS}",
+        "--gin.EVAL_EXAMPLES=4",
+        "--gin.BATCH_SIZE=4",
+        "--gin.ACTIVATION_DTYPE='float32'",
+    ]
+    assert cli.main(argv) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    # Mixed batches, each row with its task's prompt: the run's own evaluation of that prompt.
+    assert sorted(metrics) == tasks
+    for task in tasks:
+        assert metrics[task]["accuracy"] == records[task]["accuracy"]
+        np.testing.assert_allclose(
+            metrics[task]["loss_per_token"], records[task]["loss_per_token"], rtol=1e-5
+        )
 
 
 @pytest.mark.slow

@@ -151,6 +151,12 @@ def test_bad_banks_are_one_clear_error(params, bank, tmp_path):
     (tmp_path / "damaged.safetensors").write_bytes(b"\x00")
     with pytest.raises(SoftpromptError, match="damaged.safetensors"):
         PromptBank.load(tmp_path / "damaged.safetensors")
+    sp.save_prompt(bank["cb"], tmp_path / "cb.npy")
+    kv = np.zeros((2, 3, 2, 8), np.float32)
+    # A decoder-only prefix is one per run, not a bank member.
+    sp.save_prompt({"key": kv, "value": kv}, tmp_path / "prefix.npz")
+    with pytest.raises(SoftpromptError, match=r"PROMPTS member 'b' \(.*prefix.npz\) is a prefix"):
+        PromptBank.from_files({"a": tmp_path / "cb.npy", "b": tmp_path / "prefix.npz"})
     sp.save_prompt(bank["cb"], tmp_path / "peft_dir")  # a PEFT prompt, not a bank
     with pytest.raises(SoftpromptError, match="not a prompt bank file"):
         PromptBank.load(tmp_path / "peft_dir" / "adapter_model.safetensors")
