@@ -10,13 +10,13 @@ value). Sharded saves (`model.safetensors.index.json`) are read file by file.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from softprompt_jax.checkpoints.huggingface import checked_config, read_hf_config, stored_tensors
 from softprompt_jax.errors import SoftpromptError
 from softprompt_jax.model.decoder_config import (
     LLAMA_MODEL_TYPES,
@@ -254,34 +254,12 @@ def _our_shape(src: _Source, stored: tuple[int, ...]) -> tuple[int, ...]:
     return stored[::-1] if src.transpose else stored
 
 
-def read_hf_config(directory: Path) -> dict:
-    """`config.json` of a Hugging Face dir as a dict; unreadable is a user mistake."""
-    config_file = directory / "config.json"
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as error:
-        raise SoftpromptError(f"cannot read Hugging Face config {config_file}: {error}") from error
-    if not isinstance(hf_config, dict):
-        raise SoftpromptError(f"{config_file}: expected a JSON object")
-    return hf_config
-
-
 def open_hf_decoder(path: str | Path) -> HuggingFaceDecoderCheckpoint:
     """Open a HF GPT-2 / Llama-family dir: its config and where each param lives (no data)."""
     directory = Path(path)
     hf_config = read_hf_config(directory)
     cfg = _config(hf_config, directory / "config.json", "float32")
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise SoftpromptError(f"no *.safetensors file in {directory}")
-    stored: dict[str, tuple[Path, tuple[int, ...]]] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="numpy") as handle:
-                for name in handle.keys():
-                    stored[name] = (file, tuple(handle.get_slice(name).get_shape()))
-        except (OSError, SafetensorError) as error:
-            raise SoftpromptError(f"{file} is not a readable safetensors file: {error}") from error
+    stored = stored_tensors(directory)
     tensors = {}
     for ours, src in _names(cfg).items():
         if src.name not in stored:
@@ -296,10 +274,4 @@ def open_hf_decoder(path: str | Path) -> HuggingFaceDecoderCheckpoint:
 
 
 def _config(hf_config: Mapping, config_file: Path, dtype: str) -> DecoderOnlyConfig:
-    """`config_from_hf`, with a missing or unsupported setting named in `config_file`."""
-    try:
-        return config_from_hf(hf_config, dtype=dtype)
-    except KeyError as error:
-        raise SoftpromptError(f"{config_file}: no {error} setting") from error
-    except SoftpromptError as error:
-        raise SoftpromptError(f"{config_file}: {error}") from error
+    return checked_config(config_from_hf, hf_config, config_file, dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,20 @@ class HuggingFaceCheckpoint:
 def open_huggingface(path: str | Path) -> HuggingFaceCheckpoint:
     """Open a HF T5 dir: its config and where each of our params lives (no tensor data read)."""
     directory = Path(path)
+    hf_config = read_hf_config(directory)
+    stored = stored_tensors(directory)
+    tensors = {
+        ours: (stored[name][0], name, transpose, stored[name][1])
+        for ours, (theirs, transpose) in _hf_to_t5x_names(
+            _config(hf_config, directory / "config.json", "float32")
+        ).items()
+        if (name := _present(theirs, stored)) in stored
+    }
+    return HuggingFaceCheckpoint(directory, hf_config, tensors)
+
+
+def read_hf_config(directory: Path) -> dict:
+    """`config.json` of a Hugging Face dir as a dict; unreadable is a user mistake."""
     config_file = directory / "config.json"
     try:
         hf_config = json.loads(config_file.read_text())
@@ -180,33 +194,36 @@ def open_huggingface(path: str | Path) -> HuggingFaceCheckpoint:
         raise SoftpromptError(f"cannot read Hugging Face config {config_file}: {error}") from error
     if not isinstance(hf_config, dict):
         raise SoftpromptError(f"{config_file}: expected a JSON object")
+    return hf_config
+
+
+def stored_tensors(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of a dir's `*.safetensors` files (sharded saves too): name -> (file, shape)."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise SoftpromptError(f"no *.safetensors file in {directory}")
-    stored = {}  # HF tensor name -> (file, shape)
+    stored = {}
     for file in files:
         try:
             with safe_open(str(file), framework="numpy") as handle:
-                stored.update(
-                    {name: (file, handle.get_slice(name).get_shape()) for name in handle.keys()}
-                )
+                for name in handle.keys():
+                    stored[name] = (file, tuple(handle.get_slice(name).get_shape()))
         except (OSError, SafetensorError) as error:  # cut short, not safetensors
             raise SoftpromptError(f"{file} is not a readable safetensors file: {error}") from error
-    tensors = {
-        ours: (stored[name][0], name, transpose, tuple(stored[name][1]))
-        for ours, (theirs, transpose) in _hf_to_t5x_names(
-            _config(hf_config, config_file, "float32")
-        ).items()
-        if (name := _present(theirs, stored)) in stored
-    }
-    return HuggingFaceCheckpoint(directory, hf_config, tensors)
+    return stored
 
 
-def _config(hf_config: Mapping, config_file: Path, dtype: str) -> T5Config:
-    """`config_from_hf`, with a missing key named as a mistake in `config_file`."""
+def checked_config(
+    config_from_hf: Callable[..., Any], hf_config: Mapping, config_file: Path, dtype: str
+) -> Any:
+    """`config_from_hf(hf_config)`, with a missing or unsupported setting named in `config_file`."""
     try:
         return config_from_hf(hf_config, dtype=dtype)
     except KeyError as error:
         raise SoftpromptError(f"{config_file}: no {error} setting") from error
     except SoftpromptError as error:
         raise SoftpromptError(f"{config_file}: {error}") from error
+
+
+def _config(hf_config: Mapping, config_file: Path, dtype: str) -> T5Config:
+    return checked_config(config_from_hf, hf_config, config_file, dtype)

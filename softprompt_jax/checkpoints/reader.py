@@ -73,7 +73,7 @@ def open_pretrained(path: str | os.PathLike) -> CheckpointReader:
     """Detect the format of `path` once and open its reader (metadata only, no array data)."""
     kind, location = detect_format(path)
     if kind == HUGGINGFACE and hf_decoder.is_decoder_only_config(
-        hf_decoder.read_hf_config(Path(location))
+        huggingface.read_hf_config(Path(location))
     ):
         return hf_decoder.open_hf_decoder(location)
     opener = {
